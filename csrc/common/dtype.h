@@ -1,0 +1,19 @@
+// The contract between the C++ op wrappers and the CUDA launchers.
+//
+// .cu files must not include PyTorch headers (the CPU wheel cannot compile
+// them), so launchers take raw pointers, sizes, a dtype tag and the stream as
+// an opaque pointer. Both sides include only this plain header.
+#pragma once
+#include <cstdint>
+
+namespace alexnet_ext {
+
+enum class DType : int { Float64 = 0, Float32 = 1, Float16 = 2, BFloat16 = 3 };
+
+// A launcher returns 0 on success or a cudaError_t value; the C++ side turns
+// it into a RuntimeError through cuda_error_string().
+using LaunchStatus = int;
+
+const char* cuda_error_string(LaunchStatus status);
+
+}  // namespace alexnet_ext

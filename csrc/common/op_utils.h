@@ -1,0 +1,41 @@
+// Helpers for the thin C++ layer between PyTorch tensors and our kernels:
+// argument checks with readable messages, dtype tags, memory formats,
+// output allocation (optionally poisoned for tests) and stream lookup.
+// Only this layer includes PyTorch headers; kernels never do.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include "common/dtype.h"
+
+namespace alexnet_ext {
+
+// Kernels support these floating dtypes; anything else is rejected by name.
+void check_float_tensor(const at::Tensor& t, const char* name);
+
+// Same device and dtype as `ref`, with both argument names in the message.
+void check_same_device_dtype(const at::Tensor& t, const char* name,
+                             const at::Tensor& ref, const char* ref_name);
+
+DType dtype_tag(at::ScalarType type);
+
+// channels_last(_3d) when `t` is laid out that way, contiguous otherwise.
+// Kernels then see either NC* (channels stride = spatial size) or N*C
+// (channels stride 1); other strides are made contiguous first.
+at::MemoryFormat suggested_format(const at::Tensor& t);
+bool is_channels_last(const at::Tensor& t);
+
+// at::empty in `format`; filled with NaN when output poisoning is enabled
+// (tests turn it on so that an element a kernel forgets to write shows up).
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                      at::MemoryFormat format = at::MemoryFormat::Contiguous);
+void set_poison_outputs(bool enabled);
+bool poison_outputs();
+
+// The current CUDA stream of `t`'s device, as an opaque cudaStream_t.
+void* current_stream(const at::Tensor& t);
+
+// Throws a RuntimeError naming `what` when a launcher reported an error.
+void check_launch(LaunchStatus status, const char* what);
+
+}  // namespace alexnet_ext
