@@ -63,7 +63,7 @@ def check_against_reference(op, reference, inputs, dtype, grad=True, tol_scale=1
     when `grad`, the gradients of every input that requires grad, for a
     fresh random upstream gradient."""
     out = op(*inputs)
-    ref_inputs = [x.detach().double().cpu().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+    ref_inputs = [x.detach().double().cpu().contiguous().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
                   for x in inputs]
     ref = reference(*ref_inputs)
     assert out.shape == ref.shape

@@ -1,0 +1,29 @@
+"""Small CUDA cases for compute-sanitizer (memcheck, racecheck):
+`compute-sanitizer --tool memcheck python tests/sanitizer_cases.py lrn`.
+Each case runs forward and backward in every dtype and layout once."""
+import sys
+
+import torch
+
+import alexnet_ext
+
+
+def lrn_case():
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        for cl in (False, True):
+            x = torch.randn(2, 37, 5, 7, device="cuda", dtype=dtype)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            y = alexnet_ext.functional.local_response_norm(x, 5, 1e-3, 0.75, 2.0)
+            y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+
+
+CASES = {"lrn": lrn_case}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    for name in names:
+        CASES[name]()
+    print("sanitizer cases done:", ", ".join(names))
