@@ -37,12 +37,13 @@ destination stream waits for it only when it needs the data, so one column's
 compute overlaps the other column's copy.
 """
 import contextlib
+import warnings
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ColumnParallel", "ColumnPlacement", "Crossing", "count_crossings"]
+__all__ = ["ColumnParallel", "ColumnPlacement", "Crossing", "count_crossings", "place"]
 
 
 class Crossing(NamedTuple):
@@ -239,3 +240,21 @@ class ColumnParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+def place(model: nn.Module, devices: Sequence) -> nn.Module:
+    """Put `model` (an AlexNet) on the devices one process uses, as chosen by
+    :func:`alexnet_ext.distributed.choose_devices`: two devices -> one column
+    on each; one CUDA device -> both columns on it, on two streams; the CPU
+    -> unchanged structure, sequential. A one-column model goes to the first
+    device as a whole (with a warning when a second one was offered)."""
+    devices = [torch.device(d) for d in devices]
+    if not devices or len(devices) > 2:
+        raise ValueError(f"place: `devices` must list one or two devices, got {devices}")
+    columns = getattr(model, "num_columns", 1)
+    if columns == 1:
+        if len(devices) != 1:
+            warnings.warn(f"place: a one-column model runs on one device; using {devices[0]} "
+                          f"of {devices}")
+        return model.to(devices[0])
+    return ColumnParallel(model, devices if len(devices) == columns else devices[:1] * columns)
