@@ -113,7 +113,7 @@ def load_checkpoint(path, map_location="cpu"):
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0]})."
+            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)})."
             + _fallback_hint(path)) from err
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
@@ -123,6 +123,11 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} was written by a newer alexnet_ext (checkpoint format "
                               f"{state['format_version']}, this version reads up to {FORMAT_VERSION})")
     return state
+
+
+def _first_line(err):
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "no details"
 
 
 def _fallback_hint(path):
