@@ -1,0 +1,269 @@
+"""The training command: short runs, resume equality, signals, schedules,
+bad input. Most runs use tests/tiny_training.py's tiny network (the loop is
+the one AlexNet uses) so that each takes seconds; a few use AlexNet itself."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_training
+from alexnet_ext import checkpoint as ckpt
+from alexnet_ext import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWERS12 = ROOT.parent / "shared" / "data" / "flowers12"
+TINY = ["--image-size", "63", "--synthetic-classes", "4", "--synthetic-train", "48", "--synthetic-val", "16",
+        "--batch-size", "8", "--workers", "0", "--no-progress", "--seed", "3"]
+
+
+def has_alexnet_ops():
+    import alexnet_ext.nn as ann
+    return hasattr(ann, "Conv2dReLU") and hasattr(ann, "MaxPool2d")
+
+
+requires_alexnet = pytest.mark.skipif(not has_alexnet_ops(), reason="the conv and pool operators are not built")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny network's operations are far too small to share out among
+    # threads; with several busy processes on a small machine, OpenMP's
+    # barriers would make each step hundreds of times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_tiny(out, *extra):
+    args = train.parse_args(TINY + ["--out", str(out)] + [str(e) for e in extra])
+    return train.run(args, model_fn=tiny_training.tiny_model)
+
+
+def read_metrics(out):
+    with open(Path(out) / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def assert_same_training_state(a, b):
+    """Parameters and optimizer buffers bit-identical between two checkpoints."""
+    sa, sb = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+    assert sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), f"parameter {k} differs"
+    for i, st in sa["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], sb["optimizer"]["state"][i]["momentum_buffer"])
+    assert (sa["epoch"], sa["global_step"]) == (sb["epoch"], sb["global_step"])
+    timing = ("images_per_s", "epoch_time_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert strip(sa["metrics"]) == strip(sb["metrics"])
+    assert sa["steps"] == sb["steps"]
+
+
+def test_loss_falls_on_synthetic(tmp_path):
+    assert run_tiny(tmp_path, "--epochs", 6, "--lr", 0.02, "--synthetic-train", 96) == 0
+    m = read_metrics(tmp_path)
+    assert len(m) == 6
+    assert m[-1]["train_loss"] < m[0]["train_loss"] - 0.1
+    assert m[-1]["val_loss"] < m[0]["val_loss"]
+
+
+def test_outputs_checkpoints_and_plot(tmp_path):
+    assert run_tiny(tmp_path, "--epochs", 2, "--plot", "--log-every", 2) == 0
+    for name in ("metrics.csv", "steps.csv", "curves.png", "config.json", "last.pt", "last.prev.pt", "best.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    m = read_metrics(tmp_path)
+    assert [r["epoch"] for r in m] == [1, 2]
+    for r in m:
+        assert 0 <= r["val_top1_err"] <= 1 and r["val_top5_err"] <= r["val_top1_err"] and r["images_per_s"] > 0
+    best = ckpt.load_checkpoint(tmp_path / "best.pt")
+    assert best["metrics"][-1]["val_top1_err"] == min(r["val_top1_err"] for r in m)
+    last = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (2, 0, 12)
+    assert len(last["steps"]) == 6  # every 2nd of 12 steps
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_classes"] == 4 and len(config["classes"]) == 4
+
+
+@pytest.mark.parametrize("stop_at", [4, 6, 9])  # mid-epoch 1, exactly at its end, mid-epoch 2
+def test_resume_is_bit_identical(tmp_path, stop_at):
+    assert run_tiny(tmp_path / "whole", "--epochs", 2) == 0
+    assert run_tiny(tmp_path / "parts", "--epochs", 2, "--max-steps", stop_at) == 0
+    state = ckpt.load_checkpoint(tmp_path / "parts" / "last.pt")
+    assert state["global_step"] == stop_at and state["epoch"] == (0 if stop_at <= 6 else 1)
+    assert run_tiny(tmp_path / "parts", "--epochs", 2, "--resume", "auto") == 0
+    assert_same_training_state(tmp_path / "whole" / "last.pt", tmp_path / "parts" / "last.pt")
+
+
+def test_resume_checkpoint_every_steps(tmp_path):
+    # A mid-epoch checkpoint from --checkpoint-every, resumed by path.
+    assert run_tiny(tmp_path / "whole", "--epochs", 1) == 0
+    assert run_tiny(tmp_path / "a", "--epochs", 1, "--checkpoint-every", 2, "--max-steps", 5) == 0
+    prev = ckpt.load_checkpoint(tmp_path / "a" / "last.prev.pt")
+    assert prev["global_step"] == 4  # the periodic checkpoint before the stop
+    assert run_tiny(tmp_path / "a", "--epochs", 1, "--resume", tmp_path / "a" / "last.prev.pt") == 0
+    assert_same_training_state(tmp_path / "whole" / "last.pt", tmp_path / "a" / "last.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_step_checkpoints_and_resumes_exactly(tmp_path, sig):
+    out = tmp_path / "run"
+    marker = tmp_path / "started"
+    env = dict(os.environ, TINY_SLEEP_S="0.2", TINY_MARKER=str(marker), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the training run never started"
+            time.sleep(0.05)
+        time.sleep(0.3)  # well inside the first epoch (12 steps of >= 0.2 s)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, (stdout, stderr)
+    assert f"stopped ({signal.Signals(sig).name})" in stdout
+    assert "Traceback" not in stderr
+    state = ckpt.load_checkpoint(out / "last.pt")
+    assert 1 <= state["global_step"] < 12
+    # Resumed to the end, the run equals one that was never interrupted.
+    assert run_tiny(out, "--epochs", 2, "--resume", out / "last.pt") == 0
+    assert run_tiny(tmp_path / "whole", "--epochs", 2) == 0
+    assert_same_training_state(tmp_path / "whole" / "last.pt", out / "last.pt")
+
+
+def test_truncated_checkpoint_clear_error(tmp_path, capsys):
+    assert run_tiny(tmp_path, "--epochs", 2) == 0
+    last = tmp_path / "last.pt"
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) - 100)
+    status = train.main(TINY + ["--resume", str(last), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "truncated or corrupt" in err and str(last) in err and "last.prev.pt" in err
+    # The previous checkpoint is intact and resumes.
+    assert run_tiny(tmp_path, "--epochs", 3, "--resume", tmp_path / "last.prev.pt") == 0
+    assert len(read_metrics(tmp_path)) == 3
+
+
+def test_resume_rejects_a_different_network(tmp_path):
+    assert run_tiny(tmp_path, "--epochs", 1) == 0
+    with pytest.raises(ValueError, match="no_lrn"):
+        run_tiny(tmp_path, "--epochs", 2, "--resume", "auto", "--no-lrn")
+
+
+def test_learning_rate_divided_on_plateau_at_most_lr_drops_times(tmp_path):
+    # With a vanishing learning rate the validation error cannot improve, so
+    # every epoch after the first is a plateau (patience 0).
+    lr = 1e-12
+    assert run_tiny(tmp_path, "--epochs", 5, "--lr", lr, "--lr-patience", 0, "--lr-drops", 2,
+                    "--limit-train-batches", 1, "--dropout", 0) == 0
+    lrs = [r["lr"] for r in read_metrics(tmp_path)]
+    expected = [lr, lr, lr / 10, lr / 100, lr / 100]
+    assert lrs == pytest.approx(expected, rel=1e-4)
+
+
+def test_corrupt_images_skipped_during_training(tmp_path, caplog):
+    from PIL import Image
+    import numpy as np
+    data = tmp_path / "data"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            for j in range(n):
+                px = np.random.default_rng(j).integers(0, 255, (90, 90, 3), dtype=np.uint8)
+                Image.fromarray(px).save(data / split / c / f"{j}.jpg")
+    (data / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    with caplog.at_level("WARNING", logger="alexnet_ext.data"):
+        status = run_tiny(tmp_path / "out", "--data", data, "--epochs", 1, "--batch-size", 3)
+    assert status == 0
+    assert "broken.jpg" in caplog.text
+    assert len(read_metrics(tmp_path / "out")) == 1
+
+
+def test_ten_crop_evaluation(tmp_path):
+    assert run_tiny(tmp_path, "--epochs", 1, "--ten-crop", "--limit-train-batches", 1) == 0
+    (row,) = read_metrics(tmp_path)
+    assert 0 < row["val_loss"] < 10 and 0 <= row["val_top1_err"] <= 1
+
+
+def test_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--data", "--resume", "--ten-crop", "--amp", "--devices", "--no-lrn", "--pool-kernel",
+                   "--activation", "--checkpoint-every", "--max-steps", "flowers12"):
+        assert option in text
+    for bad in (["--epochs", "0"], ["--lr", "-1"], ["--image-size", "32"], ["--columns", "3"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(bad)
+        assert e.value.code == 2
+    assert train.main(["--data", "/nonexistent/imagenet"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--columns 1"):
+        train.resolve_devices(train.parse_args(["--devices", "cpu,cpu", "--columns", "1"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            train.resolve_devices(train.parse_args(["--devices", "cuda:0"]))
+
+
+def test_defaults_follow_the_data():
+    synthetic = train.parse_args([])
+    assert (synthetic.batch_size, synthetic.init) == (train.SYNTHETIC_DEFAULTS["batch_size"], "default")
+    real = train.parse_args(["--data", "x"])
+    assert (real.batch_size, real.init, real.epochs, real.lr, real.momentum, real.weight_decay) == \
+        (128, "paper", 90, 0.01, 0.9, 5e-4)
+    assert train.parse_args(["--data", "x", "--batch-size", "7", "--init", "default"]).batch_size == 7
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "2", "--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("epoch 2/2:") == 1  # rank 0 alone reports
+    m = read_metrics(out)
+    assert len(m) == 2
+    state = ckpt.load_checkpoint(out / "last.pt")
+    assert state["global_step"] == 6  # 48 images over 2 ranks at batch 8: 3 steps per epoch
+
+
+# --------------------------------------------------------------------------
+# AlexNet itself
+# --------------------------------------------------------------------------
+
+@requires_alexnet
+def test_alexnet_short_synthetic_run(tmp_path):
+    status = train.main(["--image-size", "63", "--synthetic-train", "32", "--synthetic-val", "16", "--batch-size", "8",
+                         "--epochs", "2", "--workers", "0", "--no-progress", "--out", str(tmp_path), "--plot"])
+    assert status == 0
+    m = read_metrics(tmp_path)
+    assert len(m) == 2 and all(0 < r["train_loss"] < 10 for r in m)
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "best.pt").is_file()
+
+
+@requires_alexnet
+@pytest.mark.skipif(not FLOWERS12.is_dir(), reason=f"{FLOWERS12} not present")
+def test_alexnet_flowers12_few_steps(tmp_path):
+    status = train.main(["--data", str(FLOWERS12), "--batch-size", "4", "--limit-train-batches", "2",
+                         "--limit-val-batches", "1", "--epochs", "1", "--workers", "1", "--no-progress",
+                         "--out", str(tmp_path)])
+    assert status == 0
+    (row,) = read_metrics(tmp_path)
+    assert 0 < row["train_loss"] < 20 and 0 <= row["val_top1_err"] <= 1
+    state = ckpt.load_checkpoint(tmp_path / "last.pt")
+    assert state["classes"][:2] and len(state["classes"]) == 12
