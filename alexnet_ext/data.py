@@ -102,13 +102,9 @@ def center_crop(arr, crop=CROP):
     return arr[top:top + crop, left:left + crop]
 
 
-def ten_crop(arr, crop=CROP):
-    """The four corner crops and the centre crop, then the same five mirrored:
-    a list of ten HxWx3 views."""
-    h, w = arr.shape[:2]
-    corners = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
-    five = [arr[t:t + crop, l:l + crop] for t, l in corners]
-    return five + [c[:, ::-1] for c in five]
+def ten_crop_windows(h, w, crop=CROP):
+    """(top, left) of the four corner crops and the centre crop."""
+    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
 
 
 class TrainTransform:
@@ -133,7 +129,10 @@ class EvalTransform:
 
     def __call__(self, arr, rng=None):
         if self.ten_crop:
-            return torch.stack([to_tensor(c, IMAGENET_MEAN) for c in ten_crop(arr, self.crop)])
+            # Converted once, then cut: the five windows and their mirrors.
+            full, c = to_tensor(arr, IMAGENET_MEAN), self.crop
+            five = torch.stack([full[:, t:t + c, l:l + c] for t, l in ten_crop_windows(*arr.shape[:2], c)])
+            return torch.cat([five, five.flip(-1)])
         return to_tensor(center_crop(arr, self.crop), IMAGENET_MEAN)
 
 
