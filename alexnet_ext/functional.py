@@ -28,3 +28,67 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     if not math.isfinite(k) or k < 0:
         raise ValueError(f"local_response_norm: `k` must be finite and >= 0, got {k}")
     return _ops.lrn_forward(input, int(size), float(alpha), float(beta), float(k))
+
+
+def _pair(value, name):
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            value = (value[0], value[0])
+        if len(value) != 2:
+            raise ValueError(f"max_pool2d: `{name}` must be an int or a pair of ints, got {value}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"max_pool2d: `{name}` must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: bool = False,
+               return_indices: bool = False, dilation=1):
+    """2D max pooling with the results of ``torch.nn.functional.max_pool2d``
+    (dilation 1): any kernel size, stride and padding, ``ceil_mode``,
+    ``(C, H, W)`` or ``(N, C, H, W)`` inputs; NaN propagates and among equal
+    maxima the first in the window wins, so gradients land where PyTorch's
+    do. ``stride=None`` means ``kernel_size``, like PyTorch.
+
+    Backward keeps only a one-byte offset of each maximum inside its window
+    (uint8; int32 for windows over 256 elements) instead of int64 indices,
+    and nothing at all when no gradient is needed. With
+    ``return_indices=True`` it also returns PyTorch's int64 flat indices
+    (``h * W + w`` per plane), so ``max_unpool2d`` keeps working.
+    The output keeps the input's memory format.
+    """
+    from .ops.maxpool import flat_indices
+
+    if not isinstance(input, Tensor):
+        raise TypeError(f"max_pool2d: `input` must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"max_pool2d: `input` must be 3D (C, H, W) or 4D (N, C, H, W), "
+                         f"got {input.dim()}D ({tuple(input.shape)})")
+    if _pair(dilation, "dilation") != (1, 1):
+        raise ValueError(f"max_pool2d: `dilation` other than 1 is not supported by alexnet_ext, got {dilation}; "
+                         "use torch.nn.functional.max_pool2d for dilated pooling")
+    kernel_size = _pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) \
+        else _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    if min(kernel_size) < 1:
+        raise ValueError(f"max_pool2d: `kernel_size` must be positive, got {kernel_size}")
+    if min(stride) < 1:
+        raise ValueError(f"max_pool2d: `stride` must be positive, got {stride}")
+    if min(padding) < 0 or padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(f"max_pool2d: `padding` must be between 0 and half the kernel size, "
+                         f"got padding={padding} for kernel_size={kernel_size}")
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    save_argmax = bool(return_indices) or (x.requires_grad and torch.is_grad_enabled())
+    out, argmax = _ops.max_pool2d_forward(x, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
+                                          save_argmax)
+    if not batched:
+        out = out.squeeze(0)
+    if not return_indices:
+        return out
+    indices = flat_indices(argmax, x.shape[-1], kernel_size, stride, padding)
+    return out, indices if batched else indices.squeeze(0)

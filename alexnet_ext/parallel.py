@@ -140,6 +140,8 @@ class ColumnPlacement:
                 with torch.cuda.stream(s_src), torch.cuda.stream(s_dst):
                     y = x.to(device, non_blocking=True)
         if self.log is not None and y.requires_grad:
+            if y is x:  # no copy: a view of its own, so the hook sees only this crossing's gradient
+                y = x.view_as(x)
             log = self.log
             y.register_hook(lambda g: self._record(name, "backward", src, dst, g, log))
         return y
