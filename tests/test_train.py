@@ -3,6 +3,7 @@ bad input. Most runs use tests/tiny_training.py's tiny network (the loop is
 the one AlexNet uses) so that each takes seconds; a few use AlexNet itself."""
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -198,6 +199,21 @@ def test_ten_crop_evaluation(tmp_path):
     assert 0 < row["val_loss"] < 10 and 0 <= row["val_top1_err"] <= 1
 
 
+@pytest.mark.parametrize("opts", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"], ["--workers", "1"]])
+def test_precision_layout_and_workers(tmp_path, opts):
+    assert run_tiny(tmp_path, "--epochs", 1, "--limit-train-batches", 2, *opts) == 0
+    (row,) = read_metrics(tmp_path)
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    # Augmentation is keyed by (seed, epoch, index), not by which process
+    # loads a sample, so workers change nothing.
+    assert run_tiny(tmp_path / "w0", "--epochs", 1, "--workers", 0) == 0
+    assert run_tiny(tmp_path / "w2", "--epochs", 1, "--workers", 2) == 0
+    assert_same_training_state(tmp_path / "w0" / "last.pt", tmp_path / "w2" / "last.pt")
+
+
 def test_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
@@ -247,12 +263,17 @@ def test_torchrun_two_processes(tmp_path):
 # --------------------------------------------------------------------------
 
 @requires_alexnet
-def test_alexnet_short_synthetic_run(tmp_path):
-    status = train.main(["--image-size", "63", "--synthetic-train", "32", "--synthetic-val", "16", "--batch-size", "8",
-                         "--epochs", "2", "--workers", "0", "--no-progress", "--out", str(tmp_path), "--plot"])
+def test_alexnet_loss_falls_on_synthetic(tmp_path):
+    # The real network and the default recipe of the synthetic set, at a
+    # small input size (63x63) so that 48 steps take seconds.
+    status = train.main(["--image-size", "63", "--synthetic-classes", "4", "--synthetic-train", "96",
+                         "--synthetic-val", "32", "--batch-size", "8", "--epochs", "4", "--workers", "0",
+                         "--no-progress", "--out", str(tmp_path), "--plot"])
     assert status == 0
     m = read_metrics(tmp_path)
-    assert len(m) == 2 and all(0 < r["train_loss"] < 10 for r in m)
+    assert len(m) == 4
+    assert m[-1]["train_loss"] < m[0]["train_loss"] - 0.2
+    assert m[-1]["val_loss"] < m[0]["val_loss"] - 0.2
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "best.pt").is_file()
 
 
@@ -264,6 +285,8 @@ def test_alexnet_flowers12_few_steps(tmp_path):
                          "--out", str(tmp_path)])
     assert status == 0
     (row,) = read_metrics(tmp_path)
-    assert 0 < row["train_loss"] < 20 and 0 <= row["val_top1_err"] <= 1
+    # The paper's recipe at batch 4 overshoots in its first steps (loss in the
+    # tens); two steps only show that the pipeline and the model run.
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) and 0 <= row["val_top1_err"] <= 1
     state = ckpt.load_checkpoint(tmp_path / "last.pt")
     assert state["classes"][:2] and len(state["classes"]) == 12
