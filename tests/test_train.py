@@ -278,6 +278,18 @@ def test_alexnet_loss_falls_on_synthetic(tmp_path):
 
 
 @requires_alexnet
+def test_alexnet_column_parallel_resume_is_bit_identical(tmp_path):
+    # Both columns placed by ColumnParallel (on the CPU twice here), dropout
+    # active: stopping after 2 of 4 steps and resuming gives the same network.
+    common = ["--image-size", "63", "--synthetic-classes", "3", "--synthetic-train", "16", "--synthetic-val", "4",
+              "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress", "--devices", "cpu,cpu"]
+    assert train.main(common + ["--out", str(tmp_path / "whole")]) == 0
+    assert train.main(common + ["--out", str(tmp_path / "parts"), "--max-steps", "2"]) == 0
+    assert train.main(common + ["--out", str(tmp_path / "parts"), "--resume", "auto"]) == 0
+    assert_same_training_state(tmp_path / "whole" / "last.pt", tmp_path / "parts" / "last.pt")
+
+
+@requires_alexnet
 @pytest.mark.skipif(not FLOWERS12.is_dir(), reason=f"{FLOWERS12} not present")
 def test_alexnet_flowers12_few_steps(tmp_path):
     status = train.main(["--data", str(FLOWERS12), "--batch-size", "4", "--limit-train-batches", "2",
