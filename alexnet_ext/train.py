@@ -508,6 +508,9 @@ def run(args, model_fn=None):
     # --- the loop -----------------------------------------------------------
     from tqdm import tqdm
     status = 0
+    if args.max_steps is not None and global_step >= args.max_steps:
+        say(f"--max-steps {args.max_steps}: already reached (step {global_step}); nothing to do")
+        return 0
     with GracefulStop(announce=main_proc) as stopper:
         while epoch < args.epochs:
             sampler.set_position(epoch, step_in_epoch * args.batch_size)

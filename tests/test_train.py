@@ -100,6 +100,8 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
     assert run_tiny(tmp_path / "parts", "--epochs", 2, "--max-steps", stop_at) == 0
     state = ckpt.load_checkpoint(tmp_path / "parts" / "last.pt")
     assert state["global_step"] == stop_at and state["epoch"] == (0 if stop_at <= 6 else 1)
+    assert run_tiny(tmp_path / "parts", "--epochs", 2, "--max-steps", stop_at, "--resume", "auto") == 0
+    assert ckpt.load_checkpoint(tmp_path / "parts" / "last.pt")["global_step"] == stop_at  # nothing more to do
     assert run_tiny(tmp_path / "parts", "--epochs", 2, "--resume", "auto") == 0
     assert_same_training_state(tmp_path / "whole" / "last.pt", tmp_path / "parts" / "last.pt")
 
