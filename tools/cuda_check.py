@@ -85,7 +85,8 @@ def main():
             continue
         rows = parse(log)
         # Signature without its argument list: templates say enough.
-        names = [n.split("(")[0] if "(" in n else n for n in demangle([r["kernel"] for r in rows])]
+        names = [n.replace("(anonymous namespace)::", "").split("(")[0]
+                 for n in demangle([r["kernel"] for r in rows])]
         print(f"== {rel}: {len(rows)} kernel builds")
         print(f"   {'arch':6s} {'regs':>4s} {'smem':>6s} {'stack':>5s} {'spill st/ld':>11s}  kernel")
         for row, name in zip(rows, names):
