@@ -149,3 +149,12 @@ def test_two_gpus_placement_and_equality():
     assert out.device == torch.device("cuda:0")
     assert {(r.src_device, r.dst_device) for r in log} == {("cuda:0", "cuda:1"), ("cuda:1", "cuda:0")}
     assert_same_as_single_device(["cuda:0", "cuda:1"])
+
+
+def test_compiled_column_parallel_matches_eager():
+    """The placement's forward (streams off on the CPU) traces as one graph."""
+    model = ColumnParallel(small_model(dtype=torch.float32), ["cpu", "cpu"])
+    x = torch.randn(2, 3, 67, 67)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), **tolerance(torch.float32, 10))
