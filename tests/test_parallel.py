@@ -22,20 +22,23 @@ def outputs_and_grads(model, x, upstream):
     return out, grads
 
 
-def assert_same_as_single_device(devices, dtype=torch.float64, tol_scale=1.0):
-    single = small_model(dtype=dtype)
+def assert_same_as_single_device(devices, dtype=torch.float64):
+    """ColumnParallel over `devices` vs the unwrapped model on devices[0]
+    (same kernels, same weights): outputs, input gradient and every
+    parameter's gradient; both also equal the grouped functional reference."""
+    single = small_model(dtype=dtype).to(devices[0])
     parallel = ColumnParallel(copy.deepcopy(single), devices)
     x = torch.randn(3, 3, 67, 67, dtype=dtype)
     upstream = torch.randn(3, 10, dtype=dtype)
-    out, grads = outputs_and_grads(single, x, upstream)
+    out, grads = outputs_and_grads(single, x.to(devices[0]), upstream)
     pout, pgrads = outputs_and_grads(parallel, x, upstream)
-    tol = tolerance(dtype, tol_scale)
-    torch.testing.assert_close(pout.cpu(), out.cpu(), **tol)
+    tol = tolerance(dtype)
+    assert pout.device == torch.device(devices[0])
+    torch.testing.assert_close(pout, out, **tol)
     assert len(grads) == len(pgrads)
     for g, pg in zip(grads, pgrads):
-        torch.testing.assert_close(pg.cpu(), g.cpu(), **tol)
-    # ...and both equal the grouped single-network reference.
-    torch.testing.assert_close(out, reference_alexnet(single, x), **tolerance(dtype, 100))
+        torch.testing.assert_close(pg.to(g.device), g, **tol)
+    torch.testing.assert_close(out, reference_alexnet(single, x.to(devices[0])), **tolerance(dtype, 100))
     return parallel
 
 
@@ -127,7 +130,7 @@ def test_bad_device_lists():
 @requires_cuda
 @pytest.mark.cuda
 def test_one_gpu_two_streams_matches_single_device():
-    parallel = assert_same_as_single_device(["cuda:0", "cuda:0"], dtype=torch.float32, tol_scale=10)
+    parallel = assert_same_as_single_device(["cuda:0", "cuda:0"])
     streams = parallel.module.placement.streams
     assert streams[0] != streams[1]
 
@@ -146,3 +149,12 @@ def test_two_gpus_placement_and_equality():
     assert out.device == torch.device("cuda:0")
     assert {(r.src_device, r.dst_device) for r in log} == {("cuda:0", "cuda:1"), ("cuda:1", "cuda:0")}
     assert_same_as_single_device(["cuda:0", "cuda:1"])
+
+
+def test_compiled_column_parallel_matches_eager():
+    """The placement's forward (streams off on the CPU) traces as one graph."""
+    model = ColumnParallel(small_model(dtype=torch.float32), ["cpu", "cpu"])
+    x = torch.randn(2, 3, 67, 67)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), **tolerance(torch.float32, 10))
