@@ -260,6 +260,31 @@ def test_torchrun_two_processes(tmp_path):
     assert state["global_step"] == 6  # 48 images over 2 ranks at batch 8: 3 steps per epoch
 
 
+def test_torchrun_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
+    # torchrun forwards SIGTERM to both ranks; they agree on the step to stop
+    # at (otherwise DDP would hang) and rank 0 writes the checkpoint.
+    out, marker = tmp_path / "run", tmp_path / "started"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TINY_SLEEP_S="0.2", TINY_MARKER=str(marker))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "3", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the training run never started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped (SIGTERM)" in stdout + stderr, (stdout, stderr[-3000:])
+    state = ckpt.load_checkpoint(out / "last.pt")
+    assert 1 <= state["global_step"] < 9  # 3 epochs of 3 steps per rank
+
+
 # --------------------------------------------------------------------------
 # AlexNet itself
 # --------------------------------------------------------------------------
