@@ -116,12 +116,12 @@ def test_resume_checkpoint_every_steps(tmp_path):
     assert_same_training_state(tmp_path / "whole" / "last.pt", tmp_path / "a" / "last.pt")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_finishes_step_checkpoints_and_resumes_exactly(tmp_path, sig):
-    out = tmp_path / "run"
+def signal_mid_run(cmd, tmp_path, sig, delay_s):
+    """Starts `cmd` (a tiny_training run sleeping 0.2 s per step), sends
+    `sig` `delay_s` after its first training step began, and returns
+    (returncode, stdout, stderr)."""
     marker = tmp_path / "started"
     env = dict(os.environ, TINY_SLEEP_S="0.2", TINY_MARKER=str(marker), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "2", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -129,13 +129,22 @@ def test_signal_finishes_step_checkpoints_and_resumes_exactly(tmp_path, sig):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the training run never started"
             time.sleep(0.05)
-        time.sleep(0.3)  # well inside the first epoch (12 steps of >= 0.2 s)
+        time.sleep(delay_s)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + sig, (stdout, stderr)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_step_checkpoints_and_resumes_exactly(tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "2", "--out", str(out)]
+    # 0.3 s is well inside the first epoch (12 steps of >= 0.2 s).
+    returncode, stdout, stderr = signal_mid_run(cmd, tmp_path, sig, 0.3)
+    assert returncode == 128 + sig, (stdout, stderr)
     assert f"stopped ({signal.Signals(sig).name})" in stdout
     assert "Traceback" not in stderr
     state = ckpt.load_checkpoint(out / "last.pt")
@@ -263,23 +272,10 @@ def test_torchrun_two_processes(tmp_path):
 def test_torchrun_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
     # torchrun forwards SIGTERM to both ranks; they agree on the step to stop
     # at (otherwise DDP would hang) and rank 0 writes the checkpoint.
-    out, marker = tmp_path / "run", tmp_path / "started"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TINY_SLEEP_S="0.2", TINY_MARKER=str(marker))
+    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "3", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the training run never started"
-            time.sleep(0.05)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, stdout, stderr = signal_mid_run(cmd, tmp_path, signal.SIGTERM, 0.5)
     assert "stopped (SIGTERM)" in stdout + stderr, (stdout, stderr[-3000:])
     state = ckpt.load_checkpoint(out / "last.pt")
     assert 1 <= state["global_step"] < 9  # 3 epochs of 3 steps per rank
