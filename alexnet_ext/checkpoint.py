@@ -23,6 +23,15 @@ BEST = "best.pt"
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "epoch", "step_in_epoch", "global_step")
 
 
+def _read_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (missing, truncated, corrupt, or
     not one of ours)."""
@@ -75,6 +84,7 @@ def atomic_write(path, write, keep_previous=False):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -28,6 +28,9 @@ def test_save_load_round_trip_keeps_previous(tmp_path):
     assert ckpt.load_checkpoint(ckpt.previous_path(path))["global_step"] == 1
     assert ckpt.load_checkpoint(path)["metrics"] == [{"epoch": 1, "loss": 2.5}]
     assert leftovers(tmp_path) == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # as open() would create it, not mkstemp's 0600
 
 
 def test_link_checkpoint_survives_the_source_being_replaced(tmp_path):
