@@ -39,8 +39,8 @@ ARCH_KEYS = ("columns", "activation", "no_lrn", "pool_kernel", "image_size", "nu
 
 EPILOG = """\
 examples:
-  python -m alexnet_ext.train --epochs 3 --plot           # synthetic data, a few minutes on a CPU
-  python -m alexnet_ext.train --data ../shared/data/flowers12 --epochs 30 --batch-size 32 --plot
+  python -m alexnet_ext.train --epochs 3 --plot           # synthetic data (batch 32, --init default): minutes on a CPU
+  python -m alexnet_ext.train --data ../shared/data/flowers12 --epochs 30 --batch-size 32 --init default --plot
   python -m alexnet_ext.train --data ~/imagenet --devices cuda:0,cuda:1 --amp bf16
   python -m alexnet_ext.train --resume auto                 # continue the newest run under runs/
   torchrun --standalone --nproc_per_node 4 -m alexnet_ext.train --data ~/imagenet
