@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tiny_training
+from op_testing import HAS_CUDA, requires_cuda
 from alexnet_ext import checkpoint as ckpt
 from alexnet_ext import train
 
@@ -325,3 +326,24 @@ def test_alexnet_flowers12_few_steps(tmp_path):
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) and 0 <= row["val_top1_err"] <= 1
     state = ckpt.load_checkpoint(tmp_path / "last.pt")
     assert state["classes"][:2] and len(state["classes"]) == 12
+
+
+# --------------------------------------------------------------------------
+# On GPUs (skipped here; run by `make test-cuda` / tools/gpu_report.sh)
+# --------------------------------------------------------------------------
+
+requires_two_gpus = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("opts", [["--devices", "cuda:0", "--amp", "bf16", "--channels-last"],
+                                  ["--devices", "cuda:0", "--amp", "fp16"],
+                                  ["--devices", "cuda:0", "--compile", "--amp", "bf16"],
+                                  pytest.param(["--devices", "cuda:0,cuda:1"], marks=requires_two_gpus)])
+def test_alexnet_gpu_runs(tmp_path, opts):
+    status = train.main(["--synthetic-train", "64", "--synthetic-val", "32", "--batch-size", "16", "--epochs", "2",
+                         "--workers", "2", "--no-progress", "--out", str(tmp_path), *opts])
+    assert status == 0
+    m = read_metrics(tmp_path)
+    assert len(m) == 2 and all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in m)
