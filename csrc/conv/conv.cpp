@@ -170,6 +170,12 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
 #ifdef ALEXNET_EXT_WITH_CUDA
 int64_t vec_elems(const at::Tensor& t) { return kVecBytes / int64_t(t.element_size()); }
 
+// The kernels copy 16-byte vectors: an operand that merely views the
+// caller's storage (e.g. a channels_last slice) may start off that grid.
+at::Tensor aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0 ? t : t.clone();
+}
+
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
 void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -177,8 +183,8 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   c10::DeviceGuard guard(input.device());
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
-  const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
-  const at::Tensor w = weight_krsc(weight, o);
+  const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
+  const at::Tensor w = aligned(weight_krsc(weight, o));
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
   // Write straight into y when it already is the NHWC buffer the kernel fills.
@@ -221,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   at::Tensor dym = at::empty_like(dy);
   check_launch(relu_grad_cuda(dt, dy.const_data_ptr(), y.const_data_ptr(), dym.mutable_data_ptr(), dy.numel(), stream),
                "conv2d_relu relu_grad");
-  dym = pad_groups_last(dym, g.groups, g.Kg);
+  dym = aligned(pad_groups_last(dym, g.groups, g.Kg));
   const auto acc = at::toOpMathType(input.scalar_type());
   if (mask[2]) {
     // Column sums of dym over all pixels: partial sums per row range, then
@@ -240,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   p.g = g;
   p.allow_tf32 = allow_tf32();
   if (mask[0]) {
-    const at::Tensor wt = weight_for_dgrad(weight_krsc(weight, o), g);
+    const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = direct ? dx : at::empty({g.N, g.H, g.W, g.C}, input.options());
     p.pass = Pass::Dgrad;
@@ -251,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     if (!direct) dx.copy_(unpad_nhwc(out, g.groups, g.Cg, orig.Cg));
   }
   if (mask[1]) {
-    const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
+    const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
     p.pass = Pass::Wgrad;
     p.splits = wgrad_splits(g);
     at::Tensor ws = at::empty({p.splits, g.K, g.R, g.S, g.Cg}, input.options().dtype(acc));

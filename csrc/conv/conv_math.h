@@ -134,12 +134,15 @@ AX_HD bool a_contiguous_along_reduction(Pass pass) { return pass != Pass::Wgrad;
 AX_HD bool b_contiguous_along_reduction(Pass pass) { return pass != Pass::Wgrad; }
 
 // The reduction range [begin, end) of split `split` out of `splits` (wgrad's
-// split-K), in whole tiles of `tile` so splits never share a tile.
-AX_HD void split_range(int64_t kred, int tile, int split, int splits, int64_t* begin, int64_t* end) {
+// split-K), in whole tiles of `tile` so splits never share a tile. Late
+// splits may be empty; they still write their (zero) partial sums.
+struct Range {
+  int64_t begin, end;
+};
+AX_HD Range split_range(int64_t kred, int tile, int split, int splits) {
   const int64_t tiles = (kred + tile - 1) / tile;
   const int64_t per = (tiles + splits - 1) / splits;
-  *begin = ax_min<int64_t>(kred, per * split * tile);
-  *end = ax_min<int64_t>(kred, per * (split + 1) * tile);
+  return {ax_min<int64_t>(kred, per * split * tile), ax_min<int64_t>(kred, per * (split + 1) * tile)};
 }
 
 // ReLU and its gradient, with NaN semantics of torch.relu and
