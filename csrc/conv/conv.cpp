@@ -46,7 +46,7 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   TORCH_CHECK(K % groups == 0, kOp, ": `weight` has ", K, " output channels, not divisible by `groups` = ", groups);
   TORCH_CHECK(weight.size(1) * groups == C, kOp, ": `weight` of shape ", weight.sizes(), " with `groups` = ", groups,
               " expects ", weight.size(1) * groups, " input channels, but `input` has ", C);
-  TORCH_CHECK(K >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, kOp, ": `weight` must not be empty, got shape ",
+  TORCH_CHECK(K >= 1 && weight.size(1) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, kOp, ": `weight` must not be empty, got shape ",
               weight.sizes());
   if (bias.has_value() && bias->defined()) {
     check_float_tensor(*bias, "bias");

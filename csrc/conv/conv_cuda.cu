@@ -69,42 +69,74 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Copies the k-tile starting at t0 (reduction range ends at t_end) of both
-// operands into one pipeline stage.
+// Forward/dgrad A rows of this thread: vector v of the A tile is c =
+// threadIdx.x + v * kThreads, row c / (BK/VEC), and always the same column
+// (kThreads is a multiple of BK/VEC), so the pixel part of the gather is
+// computed once per block instead of once per k-tile.
+template <typename T, bool kWgrad, bool kMma>
+struct ARows {
+  using L = Tiles<T, kWgrad, kMma>;
+  static constexpr int kVecsPerRow = L::BK / L::VEC;
+  static constexpr int kCount = L::BM * kVecsPerRow / kThreads;
+  static_assert(kThreads % kVecsPerRow == 0 && (L::BM * kVecsPerRow) % kThreads == 0, "A tile split");
+  PixelRow row[kCount];
+  bool valid[kCount];
+  __device__ __forceinline__ static int m_of(int v) { return (threadIdx.x + v * kThreads) / kVecsPerRow; }
+  __device__ __forceinline__ static int k_of() { return (threadIdx.x % kVecsPerRow) * L::VEC; }
+};
+
+template <typename T, bool kWgrad, bool kMma>
+__device__ __forceinline__ void init_rows(const GemmLaunch& p, Pass pass, const GemmDims& dims, int64_t i0,
+                                          ARows<T, kWgrad, kMma>& rows) {
+#pragma unroll
+  for (int v = 0; v < rows.kCount; ++v) {
+    const int64_t i = i0 + rows.m_of(v);
+    rows.valid[v] = i < dims.M;
+    rows.row[v] = a_row(p.g, pass, rows.valid[v] ? i : 0);
+  }
+}
+
+// Copies the k-tile starting at t0 (the reduction range ends at t_end) of
+// both operands into one pipeline stage. Every 16-byte vector is wholly
+// inside the problem or wholly outside: M, N and Kred are multiples of VEC
+// along the vector's direction, and a vector along t stays within one (r,s).
 template <typename T, bool kWgrad, bool kMma>
 __device__ __forceinline__ void load_tile(const GemmLaunch& p, const GemmDims& dims, int grp, int64_t i0, int64_t j0,
-                                          int64_t t0, int64_t t_end, T* As, T* Bs) {
+                                          const ARows<T, kWgrad, kMma>& rows, int64_t t0, int64_t t_end, T* As,
+                                          T* Bs) {
   using L = Tiles<T, kWgrad, kMma>;
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
   const Pass pass = kWgrad ? Pass::Wgrad : p.pass;
-  // A: BM x BK elements in 16-byte vectors.
-  constexpr int A_VECS = L::BM * L::BK / L::VEC;
+  if constexpr (kWgrad) {  // A = dy, vectors along m (output channels)
+    constexpr int A_VECS = L::BM * L::BK / L::VEC;
 #pragma unroll
-  for (int c = threadIdx.x; c < A_VECS; c += kThreads) {
-    int m, k;
-    if (kWgrad) {  // vectors along m
-      k = c / (L::BM / L::VEC);
-      m = (c % (L::BM / L::VEC)) * L::VEC;
-    } else {  // vectors along k
-      m = c / (L::BK / L::VEC);
-      k = (c % (L::BK / L::VEC)) * L::VEC;
+    for (int c = threadIdx.x; c < A_VECS; c += kThreads) {
+      const int k = c / (L::BM / L::VEC), m = (c % (L::BM / L::VEC)) * L::VEC;
+      const int64_t i = i0 + m, t = t0 + k;
+      int64_t off = -1;
+      if (i < dims.M && t < t_end) off = a_offset(p.g, pass, grp, i, t);
+      cp_async_16(As + L::a_index(m, k), off >= 0 ? a + off : a, off >= 0);
     }
-    const int64_t i = i0 + m, t = t0 + k;
-    // M and Kred are multiples of VEC along the vector's direction, so a
-    // vector is either wholly inside the problem or wholly outside.
-    int64_t off = -1;
-    if (i < dims.M && t < t_end) off = a_offset(p.g, pass, grp, i, t);
-    cp_async_16(As + L::a_index(m, k), off >= 0 ? a + off : a, off >= 0);
+  } else {  // A = x (forward) or dy (dgrad), vectors along t
+    const int k = rows.k_of();
+    const int64_t t = t0 + k;
+    const Tap tap = a_tap(p.g, pass, t < t_end ? t : 0);
+#pragma unroll
+    for (int v = 0; v < rows.kCount; ++v) {
+      int64_t off = -1;
+      if (rows.valid[v] && t < t_end) off = a_offset_at(p.g, pass, grp, rows.row[v], tap);
+      cp_async_16(As + L::a_index(rows.m_of(v), k), off >= 0 ? a + off : a, off >= 0);
+    }
   }
   constexpr int B_VECS = L::BN * L::BK / L::VEC;
 #pragma unroll
   for (int c = threadIdx.x; c < B_VECS; c += kThreads) {
     int n, k;
-    if (kWgrad) {
+    if (kWgrad) {  // B = x (im2col), vectors along j (input channels)
       k = c / (L::BN / L::VEC);
       n = (c % (L::BN / L::VEC)) * L::VEC;
-    } else {
+    } else {  // B = w or wt, vectors along t
       n = c / (L::BK / L::VEC);
       k = (c % (L::BK / L::VEC)) * L::VEC;
     }
@@ -318,9 +350,11 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
 
   Acc acc;
   zero(acc);
+  ARows<T, kWgrad, kMma> rows;
+  if constexpr (!kWgrad) init_rows(p, pass, dims, i0, rows);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_tile<T, kWgrad, kMma>(p, dims, grp, i0, j0, t_begin + int64_t(s) * L::BK, t_end, As[s], Bs[s]);
+    if (s < k_tiles) load_tile(p, dims, grp, i0, j0, rows, t_begin + int64_t(s) * L::BK, t_end, As[s], Bs[s]);
     cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
@@ -330,8 +364,8 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
     __syncthreads();
     const int next = kt + kStages - 1;
     if (next < k_tiles) {
-      load_tile<T, kWgrad, kMma>(p, dims, grp, i0, j0, t_begin + int64_t(next) * L::BK, t_end, As[next % kStages],
-                                 Bs[next % kStages]);
+      load_tile(p, dims, grp, i0, j0, rows, t_begin + int64_t(next) * L::BK, t_end, As[next % kStages],
+                Bs[next % kStages]);
     }
     cp_async_commit();
     const int st = kt % kStages;
