@@ -58,8 +58,8 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   TORCH_CHECK(H + 2 * padding[0] >= R && W + 2 * padding[1] >= S, kOp, ": `input` spatial size (", H, ", ", W,
               ") plus `padding` ", padding, " is smaller than the kernel (", R, ", ", S, ")");
   constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(input.numel() <= kMaxInt && weight.numel() <= kMaxInt, kOp,
-              ": tensors with more than 2^31 - 1 elements are not supported (`input` has ", input.numel(), ")");
+  TORCH_CHECK(H < (1 << 30) && W < (1 << 30) && C <= kMaxInt && input.size(0) <= kMaxInt && K <= kMaxInt, kOp,
+              ": `input`/`weight` sizes must fit in 32 bits, got ", input.sizes(), " and ", weight.sizes());
   ConvGeom g;
   g.N = int(input.size(0));
   g.C = int(C);
@@ -77,9 +77,18 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   g.groups = int(groups);
   g.Cg = int(C / groups);
   g.Kg = int(K / groups);
-  TORCH_CHECK(int64_t(g.N) * g.K * g.P * g.Q <= kMaxInt, kOp,
-              ": outputs with more than 2^31 - 1 elements are not supported");
   return g;
+}
+
+// The implicit-GEMM index math (conv_math.h) splits pixel and tap indices
+// in 32 bits (offsets are 64-bit): the CUDA kernels and the reference need
+// fewer than 2^31 input pixels, output pixels and taps.
+void check_gemm_indexing(const ConvGeom& g, int64_t vec) {
+  constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+  const int64_t taps = int64_t(g.R) * g.S * ((std::max(g.Cg, g.Kg) + vec - 1) / vec * vec);
+  TORCH_CHECK(int64_t(g.N) * g.H * g.W <= kMaxInt && int64_t(g.N) * g.P * g.Q <= kMaxInt && taps <= kMaxInt, kOp,
+              ": inputs or outputs with 2^31 or more pixels (N*H*W = ", int64_t(g.N) * g.H * g.W,
+              ") are not supported on CUDA; split the batch");
 }
 
 std::vector<int64_t> output_sizes(const ConvGeom& g) { return {g.N, g.K, g.P, g.Q}; }
@@ -181,6 +190,7 @@ bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CON
 void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const ConvGeom& orig, at::Tensor& y) {
   c10::DeviceGuard guard(input.device());
+  check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
   const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
@@ -219,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   c10::DeviceGuard guard(input.device());
   const DType dt = dtype_tag(input.scalar_type());
   void* stream = current_stream(input);
+  check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
   // dy masked by ReLU's gradient, NPQK with padded channels (padding is 0).
@@ -348,6 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_refe
   const ConvGeom orig = check_and_geometry(input, weight, bias, stride, padding, groups);
   TORCH_CHECK(input.is_cpu(), kOp, " reference: `input` must be a CPU tensor");
   TORCH_CHECK(vec >= 1 && splits >= 1, kOp, " reference: `vec` and `splits` must be >= 1");
+  check_gemm_indexing(orig, vec);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_sizes(orig)), kOp, " reference: `grad_output` shape");
   const Operands o = padded_geometry(orig, vec);
   const ConvGeom& g = o.g;
