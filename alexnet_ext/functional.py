@@ -31,6 +31,70 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
 
 
 def _pair(value, name):
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            value = (value[0], value[0])
+        if len(value) != 2:
+            raise ValueError(f"max_pool2d: `{name}` must be an int or a pair of ints, got {value}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"max_pool2d: `{name}` must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: bool = False,
+               return_indices: bool = False, dilation=1):
+    """2D max pooling with the results of ``torch.nn.functional.max_pool2d``
+    (dilation 1): any kernel size, stride and padding, ``ceil_mode``,
+    ``(C, H, W)`` or ``(N, C, H, W)`` inputs; NaN propagates and among equal
+    maxima the first in the window wins, so gradients land where PyTorch's
+    do. ``stride=None`` means ``kernel_size``, like PyTorch.
+
+    Backward keeps only a one-byte offset of each maximum inside its window
+    (uint8; int32 for windows over 256 elements) instead of int64 indices,
+    and nothing at all when no gradient is needed. With
+    ``return_indices=True`` it also returns PyTorch's int64 flat indices
+    (``h * W + w`` per plane), so ``max_unpool2d`` keeps working.
+    The output keeps the input's memory format.
+    """
+    from .ops.maxpool import flat_indices
+
+    if not isinstance(input, Tensor):
+        raise TypeError(f"max_pool2d: `input` must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"max_pool2d: `input` must be 3D (C, H, W) or 4D (N, C, H, W), "
+                         f"got {input.dim()}D ({tuple(input.shape)})")
+    if _pair(dilation, "dilation") != (1, 1):
+        raise ValueError(f"max_pool2d: `dilation` other than 1 is not supported by alexnet_ext, got {dilation}; "
+                         "use torch.nn.functional.max_pool2d for dilated pooling")
+    kernel_size = _pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) \
+        else _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    if min(kernel_size) < 1:
+        raise ValueError(f"max_pool2d: `kernel_size` must be positive, got {kernel_size}")
+    if min(stride) < 1:
+        raise ValueError(f"max_pool2d: `stride` must be positive, got {stride}")
+    if min(padding) < 0 or padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(f"max_pool2d: `padding` must be between 0 and half the kernel size, "
+                         f"got padding={padding} for kernel_size={kernel_size}")
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    save_argmax = bool(return_indices) or (x.requires_grad and torch.is_grad_enabled())
+    out, argmax = _ops.max_pool2d_forward(x, list(kernel_size), list(stride), list(padding), bool(ceil_mode),
+                                          save_argmax)
+    if not batched:
+        out = out.squeeze(0)
+    if not return_indices:
+        return out
+    indices = flat_indices(argmax, x.shape[-1], kernel_size, stride, padding)
+    return out, indices if batched else indices.squeeze(0)
+
+
+def _conv_pair(value, name):
     if isinstance(value, int):
         return [value, value]
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
@@ -69,11 +133,11 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, g
         raise ValueError(f"conv2d_relu: `input` must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"conv2d_relu: `weight` must be 4-D (K, C/groups, R, S), got shape {tuple(weight.shape)}")
-    if _pair(dilation, "dilation") != [1, 1]:
+    if _conv_pair(dilation, "dilation") != [1, 1]:
         raise ValueError(f"conv2d_relu: only `dilation` = 1 is supported, got {dilation!r}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"conv2d_relu: `groups` must be an int >= 1, got {groups!r}")
-    stride = _pair(stride, "stride")
+    stride = _conv_pair(stride, "stride")
     if isinstance(padding, str):
         kernel = weight.shape[2:]
         if padding == "valid":
@@ -83,7 +147,7 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, g
         else:
             raise ValueError(f"conv2d_relu: `padding` = {padding!r} is supported as 'valid', or 'same' with "
                              f"stride 1 and odd kernel sizes (got stride {stride}, kernel {tuple(kernel)})")
-    padding = _pair(padding, "padding")
+    padding = _conv_pair(padding, "padding")
     cast = _autocast_dtype(input.device.type)
     if cast is not None:
         # As autocast's own casts: floating tensors other than float64 only.
