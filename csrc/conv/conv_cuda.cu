@@ -468,28 +468,31 @@ LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream) {
 }
 
 LaunchStatus relu_grad_cuda(DType dtype, const void* dy, const void* y, void* out, int64_t n, void* stream) {
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     relu_grad_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<T*>(out), n);
+    return static_cast<LaunchStatus>(cudaGetLastError());
   });
 }
 
 LaunchStatus column_sum_cuda(DType dtype, const void* in, void* partial, int64_t rows, int cols, int splits,
                              void* stream) {
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     dim3 grid(unsigned((cols + 31) / 32), unsigned(splits));
     column_sum_kernel<T><<<grid, dim3(32, 8), 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(in), static_cast<acc_t<T>*>(partial), rows, cols, splits);
+    return static_cast<LaunchStatus>(cudaGetLastError());
   });
 }
 
 LaunchStatus reduce_splits_cuda(DType dtype, const void* partial, void* out, int64_t n, int splits, void* stream) {
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     reduce_splits_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const acc_t<T>*>(partial), static_cast<T*>(out), n, splits);
+    return static_cast<LaunchStatus>(cudaGetLastError());
   });
 }
 
