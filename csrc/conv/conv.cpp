@@ -185,7 +185,8 @@ at::Tensor aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0 ? t : t.clone();
 }
 
-bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
+// torch.backends.cudnn.allow_tf32 (what torch._C._get_cudnn_allow_tf32 reads).
+bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
 void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const ConvGeom& orig, at::Tensor& y) {
