@@ -150,6 +150,7 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, g
     padding = _conv_pair(padding, "padding")
     cast = _autocast_dtype(input.device.type)
     if cast is not None:
-        input, weight = input.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
+        # As autocast's own casts: floating tensors other than float64 only.
+        to = lambda t: t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        input, weight, bias = to(input), to(weight), to(bias)
     return _ops.conv2d_relu_forward(input, weight, bias, stride, padding, groups)

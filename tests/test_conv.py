@@ -196,6 +196,22 @@ def test_autocast_runs_in_the_autocast_dtype_like_conv2d(device):
     rx, rw, rb = torch.autograd.grad(want.float().sum(), (x, w, b))
     for name, g, r in (("grad input", gx, rx), ("grad weight", gw, rw), ("grad bias", gb, rb)):
         assert_close_rel(g, r.double().cpu(), REL_TOL[dtype], name)
+    # float64 is left alone by autocast, as for F.conv2d.
+    x64, w64 = x.detach().double(), w.detach().double()
+    with torch.autocast(device, dtype=dtype):
+        assert conv2d_relu(x64, w64, None, **kw).dtype == F.conv2d(x64, w64, None, **kw).dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_under_torch_compile(device):
+    torch._dynamo.reset()
+    model = alexnet_ext.nn.Conv2dReLU(4, 6, 3, padding=1).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 4, 5, 5, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got, want = compiled(x), model(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

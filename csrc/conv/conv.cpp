@@ -46,7 +46,7 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   TORCH_CHECK(K % groups == 0, kOp, ": `weight` has ", K, " output channels, not divisible by `groups` = ", groups);
   TORCH_CHECK(weight.size(1) * groups == C, kOp, ": `weight` of shape ", weight.sizes(), " with `groups` = ", groups,
               " expects ", weight.size(1) * groups, " input channels, but `input` has ", C);
-  TORCH_CHECK(K >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, kOp, ": `weight` must not be empty, got shape ",
+  TORCH_CHECK(K >= 1 && weight.size(1) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, kOp, ": `weight` must not be empty, got shape ",
               weight.sizes());
   if (bias.has_value() && bias->defined()) {
     check_float_tensor(*bias, "bias");
@@ -58,8 +58,8 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   TORCH_CHECK(H + 2 * padding[0] >= R && W + 2 * padding[1] >= S, kOp, ": `input` spatial size (", H, ", ", W,
               ") plus `padding` ", padding, " is smaller than the kernel (", R, ", ", S, ")");
   constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(input.numel() <= kMaxInt && weight.numel() <= kMaxInt, kOp,
-              ": tensors with more than 2^31 - 1 elements are not supported (`input` has ", input.numel(), ")");
+  TORCH_CHECK(H < (1 << 30) && W < (1 << 30) && C <= kMaxInt && input.size(0) <= kMaxInt && K <= kMaxInt, kOp,
+              ": `input`/`weight` sizes must fit in 32 bits, got ", input.sizes(), " and ", weight.sizes());
   ConvGeom g;
   g.N = int(input.size(0));
   g.C = int(C);
@@ -77,9 +77,18 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   g.groups = int(groups);
   g.Cg = int(C / groups);
   g.Kg = int(K / groups);
-  TORCH_CHECK(int64_t(g.N) * g.K * g.P * g.Q <= kMaxInt, kOp,
-              ": outputs with more than 2^31 - 1 elements are not supported");
   return g;
+}
+
+// The implicit-GEMM index math (conv_math.h) splits pixel and tap indices
+// in 32 bits (offsets are 64-bit): the CUDA kernels and the reference need
+// fewer than 2^31 input pixels, output pixels and taps.
+void check_gemm_indexing(const ConvGeom& g, int64_t vec) {
+  constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+  const int64_t taps = int64_t(g.R) * g.S * ((std::max(g.Cg, g.Kg) + vec - 1) / vec * vec);
+  TORCH_CHECK(int64_t(g.N) * g.H * g.W <= kMaxInt && int64_t(g.N) * g.P * g.Q <= kMaxInt && taps <= kMaxInt, kOp,
+              ": inputs or outputs with 2^31 or more pixels (N*H*W = ", int64_t(g.N) * g.H * g.W,
+              ") are not supported on CUDA; split the batch");
 }
 
 std::vector<int64_t> output_sizes(const ConvGeom& g) { return {g.N, g.K, g.P, g.Q}; }
@@ -170,15 +179,23 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
 #ifdef ALEXNET_EXT_WITH_CUDA
 int64_t vec_elems(const at::Tensor& t) { return kVecBytes / int64_t(t.element_size()); }
 
-bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
+// The kernels copy 16-byte vectors: an operand that merely views the
+// caller's storage (e.g. a channels_last slice) may start off that grid.
+at::Tensor aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0 ? t : t.clone();
+}
+
+// torch.backends.cudnn.allow_tf32 (what torch._C._get_cudnn_allow_tf32 reads).
+bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
 void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const ConvGeom& orig, at::Tensor& y) {
   c10::DeviceGuard guard(input.device());
+  check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
-  const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
-  const at::Tensor w = weight_krsc(weight, o);
+  const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
+  const at::Tensor w = aligned(weight_krsc(weight, o));
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
   // Write straight into y when it already is the NHWC buffer the kernel fills.
@@ -213,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   c10::DeviceGuard guard(input.device());
   const DType dt = dtype_tag(input.scalar_type());
   void* stream = current_stream(input);
+  check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
   // dy masked by ReLU's gradient, NPQK with padded channels (padding is 0).
@@ -221,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   at::Tensor dym = at::empty_like(dy);
   check_launch(relu_grad_cuda(dt, dy.const_data_ptr(), y.const_data_ptr(), dym.mutable_data_ptr(), dy.numel(), stream),
                "conv2d_relu relu_grad");
-  dym = pad_groups_last(dym, g.groups, g.Kg);
+  dym = aligned(pad_groups_last(dym, g.groups, g.Kg));
   const auto acc = at::toOpMathType(input.scalar_type());
   if (mask[2]) {
     // Column sums of dym over all pixels: partial sums per row range, then
@@ -240,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   p.g = g;
   p.allow_tf32 = allow_tf32();
   if (mask[0]) {
-    const at::Tensor wt = weight_for_dgrad(weight_krsc(weight, o), g);
+    const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = direct ? dx : at::empty({g.N, g.H, g.W, g.C}, input.options());
     p.pass = Pass::Dgrad;
@@ -251,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     if (!direct) dx.copy_(unpad_nhwc(out, g.groups, g.Cg, orig.Cg));
   }
   if (mask[1]) {
-    const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
+    const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
     p.pass = Pass::Wgrad;
     p.splits = wgrad_splits(g);
     at::Tensor ws = at::empty({p.splits, g.K, g.R, g.S, g.Cg}, input.options().dtype(acc));
@@ -342,6 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_refe
   const ConvGeom orig = check_and_geometry(input, weight, bias, stride, padding, groups);
   TORCH_CHECK(input.is_cpu(), kOp, " reference: `input` must be a CPU tensor");
   TORCH_CHECK(vec >= 1 && splits >= 1, kOp, " reference: `vec` and `splits` must be >= 1");
+  check_gemm_indexing(orig, vec);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_sizes(orig)), kOp, " reference: `grad_output` shape");
   const Operands o = padded_geometry(orig, vec);
   const ConvGeom& g = o.g;

@@ -92,9 +92,8 @@ void gemm_reference_cpu(const ConvGeom& g, Pass pass, const at::Tensor& a, const
       const int n_splits = pass == Pass::Wgrad ? splits : 1;
       std::vector<acc> partial(n_splits * dims.M * dims.N);
       for (int sp = 0; sp < n_splits; ++sp) {
-        int64_t t0, t1;
-        split_range(dims.Kred, tile, sp, n_splits, &t0, &t1);
-        gemm_loops<scalar_t, acc>(g, pass, grp, ap, bp, t0, t1, [&](int64_t i, int64_t j, acc s) {
+        const Range range = split_range(dims.Kred, tile, sp, n_splits);
+        gemm_loops<scalar_t, acc>(g, pass, grp, ap, bp, range.begin, range.end, [&](int64_t i, int64_t j, acc s) {
           partial[(sp * dims.M + i) * dims.N + j] = s;
         });
       }

@@ -56,13 +56,15 @@ AX_HD GemmDims gemm_dims(const ConvGeom& g, Pass pass) {
   }
 }
 
-// (n, a, b) from a flat pixel index over an (N, A, B) grid.
+// (n, a, b) from a flat pixel index over an (N, A, B) grid. Pixel and tap
+// indices are below 2^31 (conv.cpp checks every tensor's element count), so
+// the divisions run in 32 bits (64-bit division is slow on the GPU).
 struct Pixel {
   int n, a, b;
 };
 AX_HD Pixel split_pixel(int64_t m, int A, int B) {
-  const int ab = int(m % (int64_t(A) * B));
-  return {int(m / (int64_t(A) * B)), ab / B, ab % B};
+  const int mi = int(m), ab = mi % (A * B);
+  return {mi / (A * B), ab / B, ab % B};
 }
 
 // (r, s, ch) from a reduction/filter index t = (r*S + s)*Cch + ch.
@@ -70,33 +72,58 @@ struct Tap {
   int r, s, ch;
 };
 AX_HD Tap split_tap(int64_t t, int S, int Cch) {
-  const int rs = int(t / Cch);
-  return {rs / S, rs % S, int(t % Cch)};
+  const int ti = int(t), rs = ti / Cch;
+  return {rs / S, rs % S, ti % Cch};
 }
 
-// Offset into x of im2col element (output pixel m, tap t) of group `grp`,
-// or -1 where the tap falls into the zero padding.
-AX_HD int64_t im2col_offset(const ConvGeom& g, int grp, int64_t m, int64_t t) {
+// A gathers are split in two: the part that depends only on the GEMM row
+// (its pixel; the CUDA kernels compute it once per thread, outside the
+// reduction loop) and the per-tap rest.
+struct PixelRow {
+  int n, a, b;  // image and the row's base coordinates (see below)
+};
+
+// im2col (forward A, wgrad B): output pixel m = (n,p,q) has base input
+// coordinates (p*stride - pad, q*stride - pad); tap (r,s,c) adds (r, s).
+AX_HD PixelRow im2col_row(const ConvGeom& g, int64_t m) {
   const Pixel px = split_pixel(m, g.P, g.Q);
-  const Tap tap = split_tap(t, g.S, g.Cg);
-  const int h = px.a * g.stride_h - g.pad_h + tap.r;
-  const int w = px.b * g.stride_w - g.pad_w + tap.s;
+  return {px.n, px.a * g.stride_h - g.pad_h, px.b * g.stride_w - g.pad_w};
+}
+// Offset into x, or -1 where the tap falls into the zero padding.
+AX_HD int64_t im2col_at(const ConvGeom& g, int grp, const PixelRow& row, const Tap& tap) {
+  const int h = row.a + tap.r, w = row.b + tap.s;
   if (h < 0 || h >= g.H || w < 0 || w >= g.W) return -1;
-  return ((int64_t(px.n) * g.H + h) * g.W + w) * g.C + int64_t(grp) * g.Cg + tap.ch;
+  return ((int64_t(row.n) * g.H + h) * g.W + w) * g.C + int64_t(grp) * g.Cg + tap.ch;
+}
+AX_HD int64_t im2col_offset(const ConvGeom& g, int grp, int64_t m, int64_t t) {
+  return im2col_at(g, grp, im2col_row(g, m), split_tap(t, g.S, g.Cg));
 }
 
-// Offset into dy of the element that input pixel m (n,h,w) receives through
-// tap t = (r,s,k) in dgrad: the output pixel p with p*stride - pad + r = h,
-// or -1 where no such p exists (not divisible by the stride, or outside).
-AX_HD int64_t dgrad_dy_offset(const ConvGeom& g, int grp, int64_t m, int64_t t) {
+// dgrad A: input pixel m = (n,h,w) receives dy at the output pixel p with
+// p*stride - pad + r = h through tap (r,s,k); base coordinates (h+pad, w+pad).
+AX_HD PixelRow dgrad_row(const ConvGeom& g, int64_t m) {
   const Pixel px = split_pixel(m, g.H, g.W);
-  const Tap tap = split_tap(t, g.S, g.Kg);
-  const int ph = px.a + g.pad_h - tap.r;
-  const int qw = px.b + g.pad_w - tap.s;
+  return {px.n, px.a + g.pad_h, px.b + g.pad_w};
+}
+// Offset into dy, or -1 where no such p exists (not divisible by the
+// stride, or outside the output).
+AX_HD int64_t dgrad_dy_at(const ConvGeom& g, int grp, const PixelRow& row, const Tap& tap) {
+  const int ph = row.a - tap.r, qw = row.b - tap.s;
   if (ph < 0 || qw < 0 || ph % g.stride_h != 0 || qw % g.stride_w != 0) return -1;
   const int p = ph / g.stride_h, q = qw / g.stride_w;
   if (p >= g.P || q >= g.Q) return -1;
-  return ((int64_t(px.n) * g.P + p) * g.Q + q) * g.K + int64_t(grp) * g.Kg + tap.ch;
+  return ((int64_t(row.n) * g.P + p) * g.Q + q) * g.K + int64_t(grp) * g.Kg + tap.ch;
+}
+
+// The A gather of forward and dgrad in its two parts.
+AX_HD PixelRow a_row(const ConvGeom& g, Pass pass, int64_t i) {
+  return pass == Pass::Forward ? im2col_row(g, i) : dgrad_row(g, i);
+}
+AX_HD Tap a_tap(const ConvGeom& g, Pass pass, int64_t t) {
+  return split_tap(t, g.S, pass == Pass::Forward ? g.Cg : g.Kg);
+}
+AX_HD int64_t a_offset_at(const ConvGeom& g, Pass pass, int grp, const PixelRow& row, const Tap& tap) {
+  return pass == Pass::Forward ? im2col_at(g, grp, row, tap) : dgrad_dy_at(g, grp, row, tap);
 }
 
 // Offsets of the A operand element (i, t) and the B operand element (t, j)
@@ -104,8 +131,8 @@ AX_HD int64_t dgrad_dy_offset(const ConvGeom& g, int grp, int64_t m, int64_t t) 
 // B is the weight (forward: w, dgrad: wt), dy, or x, as the table above says.
 AX_HD int64_t a_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t t) {
   switch (pass) {
-    case Pass::Forward: return im2col_offset(g, grp, i, t);
-    case Pass::Dgrad: return dgrad_dy_offset(g, grp, i, t);
+    case Pass::Forward:
+    case Pass::Dgrad: return a_offset_at(g, pass, grp, a_row(g, pass, i), a_tap(g, pass, t));
     default: return t * g.K + int64_t(grp) * g.Kg + i;  // dy[t][grp*Kg + i]
   }
 }
@@ -134,12 +161,15 @@ AX_HD bool a_contiguous_along_reduction(Pass pass) { return pass != Pass::Wgrad;
 AX_HD bool b_contiguous_along_reduction(Pass pass) { return pass != Pass::Wgrad; }
 
 // The reduction range [begin, end) of split `split` out of `splits` (wgrad's
-// split-K), in whole tiles of `tile` so splits never share a tile.
-AX_HD void split_range(int64_t kred, int tile, int split, int splits, int64_t* begin, int64_t* end) {
+// split-K), in whole tiles of `tile` so splits never share a tile. Late
+// splits may be empty; they still write their (zero) partial sums.
+struct Range {
+  int64_t begin, end;
+};
+AX_HD Range split_range(int64_t kred, int tile, int split, int splits) {
   const int64_t tiles = (kred + tile - 1) / tile;
   const int64_t per = (tiles + splits - 1) / splits;
-  *begin = ax_min<int64_t>(kred, per * split * tile);
-  *end = ax_min<int64_t>(kred, per * (split + 1) * tile);
+  return {ax_min<int64_t>(kred, per * split * tile), ax_min<int64_t>(kred, per * (split + 1) * tile)};
 }
 
 // ReLU and its gradient, with NaN semantics of torch.relu and

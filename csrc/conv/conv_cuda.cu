@@ -1,0 +1,500 @@
+// Implicit-GEMM CUDA kernels for conv2d + bias + ReLU (forward, dgrad,
+// wgrad) and the small backward helpers. No PyTorch headers: conv.cpp
+// prepares the operands (NHWC, KRSC, wt; channels padded to 16 bytes) and
+// calls the launchers of conv_cuda.h. The index math is conv_math.h's, the
+// same the CPU reference loops run in tests/test_conv.py.
+//
+// One kernel template serves every pass. A block computes a BM x BN tile of
+// D = A B for one group (and one split-K range in wgrad), 128 threads:
+//  - global -> shared: 16-byte cp.async vectors along each operand's
+//    contiguous dimension (the reduction index t for forward and dgrad, the
+//    row/column index for wgrad), zero-filled (src-size 0) where the header
+//    says the element is padding or the tile runs past the problem;
+//    3-stage pipeline; rows padded by 16 bytes against bank conflicts;
+//  - math: mma.sync m16n8k16 (float16/bfloat16) or m16n8k8 TF32 (float32)
+//    with float32 accumulators, 4 warps of 64x32; or exact FFMA (float32
+//    without TF32, float64), 4x8 per thread on a 64x64 tile;
+//  - epilogue: bias + ReLU on the accumulators (forward), bounds-checked
+//    stores (wgrad: float32/64 partial sums into its split's workspace slice).
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cuda_utils.cuh"
+#include "conv/conv_cuda.h"
+#include "conv/conv_math.h"
+
+namespace alexnet_ext {
+namespace conv {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kStages = 3;
+
+// Tile shape and shared-memory layout of one kernel variant.
+template <typename T, bool kWgrad, bool kMma>
+struct Tiles {
+  static constexpr int BM = kMma ? 128 : 64;
+  static constexpr int BN = 64;
+  static constexpr int BK = kTileKBytes / int(sizeof(T));  // 32 half, 16 float, 8 double
+  static constexpr int VEC = kVecBytes / int(sizeof(T));   // elements per 16-byte copy
+  // forward/dgrad: K-major rows [BM][BK + VEC]; wgrad: MN-major rows
+  // [BK][BM + VEC]. The VEC padding keeps rows 16-byte aligned and shifts
+  // consecutive rows by 4 banks.
+  static constexpr int A_ELEMS = kWgrad ? BK * (BM + VEC) : BM * (BK + VEC);
+  static constexpr int B_ELEMS = kWgrad ? BK * (BN + VEC) : BN * (BK + VEC);
+  __device__ __forceinline__ static int a_index(int m, int k) {
+    return kWgrad ? k * (BM + VEC) + m : m * (BK + VEC) + k;
+  }
+  __device__ __forceinline__ static int b_index(int n, int k) {
+    return kWgrad ? k * (BN + VEC) + n : n * (BK + VEC) + k;
+  }
+};
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Forward/dgrad A rows of this thread: vector v of the A tile is c =
+// threadIdx.x + v * kThreads, row c / (BK/VEC), and always the same column
+// (kThreads is a multiple of BK/VEC), so the pixel part of the gather is
+// computed once per block instead of once per k-tile.
+template <typename T, bool kWgrad, bool kMma>
+struct ARows {
+  using L = Tiles<T, kWgrad, kMma>;
+  static constexpr int kVecsPerRow = L::BK / L::VEC;
+  static constexpr int kCount = L::BM * kVecsPerRow / kThreads;
+  static_assert(kThreads % kVecsPerRow == 0 && (L::BM * kVecsPerRow) % kThreads == 0, "A tile split");
+  PixelRow row[kCount];
+  bool valid[kCount];
+  __device__ __forceinline__ static int m_of(int v) { return (threadIdx.x + v * kThreads) / kVecsPerRow; }
+  __device__ __forceinline__ static int k_of() { return (threadIdx.x % kVecsPerRow) * L::VEC; }
+};
+
+template <typename T, bool kWgrad, bool kMma>
+__device__ __forceinline__ void init_rows(const GemmLaunch& p, Pass pass, const GemmDims& dims, int64_t i0,
+                                          ARows<T, kWgrad, kMma>& rows) {
+#pragma unroll
+  for (int v = 0; v < rows.kCount; ++v) {
+    const int64_t i = i0 + rows.m_of(v);
+    rows.valid[v] = i < dims.M;
+    rows.row[v] = a_row(p.g, pass, rows.valid[v] ? i : 0);
+  }
+}
+
+// Copies the k-tile starting at t0 (the reduction range ends at t_end) of
+// both operands into one pipeline stage. Every 16-byte vector is wholly
+// inside the problem or wholly outside: M, N and Kred are multiples of VEC
+// along the vector's direction, and a vector along t stays within one (r,s).
+template <typename T, bool kWgrad, bool kMma>
+__device__ __forceinline__ void load_tile(const GemmLaunch& p, const GemmDims& dims, int grp, int64_t i0, int64_t j0,
+                                          const ARows<T, kWgrad, kMma>& rows, int64_t t0, int64_t t_end, T* As,
+                                          T* Bs) {
+  using L = Tiles<T, kWgrad, kMma>;
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const Pass pass = kWgrad ? Pass::Wgrad : p.pass;
+  if constexpr (kWgrad) {  // A = dy, vectors along m (output channels)
+    constexpr int A_VECS = L::BM * L::BK / L::VEC;
+#pragma unroll
+    for (int c = threadIdx.x; c < A_VECS; c += kThreads) {
+      const int k = c / (L::BM / L::VEC), m = (c % (L::BM / L::VEC)) * L::VEC;
+      const int64_t i = i0 + m, t = t0 + k;
+      int64_t off = -1;
+      if (i < dims.M && t < t_end) off = a_offset(p.g, pass, grp, i, t);
+      cp_async_16(As + L::a_index(m, k), off >= 0 ? a + off : a, off >= 0);
+    }
+  } else {  // A = x (forward) or dy (dgrad), vectors along t
+    const int k = rows.k_of();
+    const int64_t t = t0 + k;
+    const Tap tap = a_tap(p.g, pass, t < t_end ? t : 0);
+#pragma unroll
+    for (int v = 0; v < rows.kCount; ++v) {
+      int64_t off = -1;
+      if (rows.valid[v] && t < t_end) off = a_offset_at(p.g, pass, grp, rows.row[v], tap);
+      cp_async_16(As + L::a_index(rows.m_of(v), k), off >= 0 ? a + off : a, off >= 0);
+    }
+  }
+  constexpr int B_VECS = L::BN * L::BK / L::VEC;
+#pragma unroll
+  for (int c = threadIdx.x; c < B_VECS; c += kThreads) {
+    int n, k;
+    if (kWgrad) {  // B = x (im2col), vectors along j (input channels)
+      k = c / (L::BN / L::VEC);
+      n = (c % (L::BN / L::VEC)) * L::VEC;
+    } else {  // B = w or wt, vectors along t
+      n = c / (L::BK / L::VEC);
+      k = (c % (L::BK / L::VEC)) * L::VEC;
+    }
+    const int64_t j = j0 + n, t = t0 + k;
+    int64_t off = -1;
+    if (j < dims.N && t < t_end) off = b_offset(p.g, pass, grp, t, j);
+    cp_async_16(Bs + L::b_index(n, k), off >= 0 ? b + off : b, off >= 0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-core math
+
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// Two 16-bit elements (k, k+1) of one row/column as the 32-bit register
+// mma.sync expects (lower k in the low half).
+template <typename T, bool kKMajor>
+__device__ __forceinline__ uint32_t pair_at(const T* s, int idx_k, int idx_k1) {
+  if (kKMajor) return *reinterpret_cast<const uint32_t*>(s + idx_k);  // idx_k1 == idx_k + 1, 4-byte aligned
+  return bits16(s[idx_k]) | (bits16(s[idx_k1]) << 16);
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                          __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// 4 warps as 2 x 2, each a 64 x 32 warp tile = 4 x 4 mma tiles of 16 x 8.
+constexpr int kWarpM = 64, kWarpN = 32, kMmaTilesM = 4, kMmaTilesN = 4;
+
+struct MmaAcc {
+  float v[kMmaTilesM][kMmaTilesN][4];
+};
+
+// Fragment layouts (PTX ISA, mma.m16n8k16 / m16n8k8 .tf32), with
+// g = lane / 4 and q = lane % 4:
+//   A (row-major 16 x K): rows g and g+8; 16-bit: k = 2q,2q+1 and +8; tf32: k = q and q+4
+//   B (col-major K x 8):  column g;       16-bit: k = 2q,2q+1 and +8; tf32: k = q and q+4
+//   C (16 x 8, f32):      rows g and g+8, columns 2q and 2q+1
+template <typename T, bool kWgrad>
+__device__ __forceinline__ void mma_stage(const T* As, const T* Bs, MmaAcc& acc) {
+  using L = Tiles<T, kWgrad, true>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
+  const int g = lane / 4, q = lane % 4;
+  constexpr bool kKMajor = !kWgrad;
+  if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int ks = 0; ks < L::BK; ks += 16) {
+      uint32_t a[kMmaTilesM][4], b[kMmaTilesN][2];
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesM; ++mt) {
+        const int r = wm + mt * 16 + g;
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {  // h: +8 rows (bit 0), +8 k (bit 1)
+          const int rr = r + (h & 1) * 8, kk = ks + 2 * q + (h >> 1) * 8;
+          a[mt][h] = pair_at<T, kKMajor>(As, L::a_index(rr, kk), L::a_index(rr, kk + 1));
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kMmaTilesN; ++nt) {
+        const int c = wn + nt * 8 + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int kk = ks + 2 * q + h * 8;
+          b[nt][h] = pair_at<T, kKMajor>(Bs, L::b_index(c, kk), L::b_index(c, kk + 1));
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesM; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kMmaTilesN; ++nt) mma_16816(acc.v[mt][nt], a[mt], b[nt], T{});
+    }
+  } else {  // float on TF32 tensor cores
+#pragma unroll
+    for (int ks = 0; ks < L::BK; ks += 8) {
+      uint32_t a[kMmaTilesM][4], b[kMmaTilesN][2];
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesM; ++mt) {
+        const int r = wm + mt * 16 + g;
+#pragma unroll
+        for (int h = 0; h < 4; ++h) a[mt][h] = to_tf32(As[L::a_index(r + (h & 1) * 8, ks + q + (h >> 1) * 4)]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kMmaTilesN; ++nt) {
+        const int c = wn + nt * 8 + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) b[nt][h] = to_tf32(Bs[L::b_index(c, ks + q + h * 4)]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesM; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kMmaTilesN; ++nt) mma_1688_tf32(acc.v[mt][nt], a[mt], b[nt]);
+    }
+  }
+}
+
+__device__ __forceinline__ void zero(MmaAcc& acc) {
+#pragma unroll
+  for (int mt = 0; mt < kMmaTilesM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kMmaTilesN; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc.v[mt][nt][c] = 0.f;
+}
+
+// Calls fn(row, col, value) for every accumulator of this thread.
+template <typename Fn>
+__device__ __forceinline__ void for_each_acc(const MmaAcc& acc, Fn fn) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
+#pragma unroll
+  for (int mt = 0; mt < kMmaTilesM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kMmaTilesN; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        fn(wm + mt * 16 + lane / 4 + (c >> 1) * 8, wn + nt * 8 + (lane % 4) * 2 + (c & 1), acc.v[mt][nt][c]);
+}
+
+// ---------------------------------------------------------------------------
+// Exact FFMA math: 16 x 8 threads, each rows ty + 16 i and columns tx + 8 j.
+
+template <typename T>
+struct FmaAcc {
+  static constexpr int TM = 4, TN = 8;  // 64 x 64 tile / (16 x 8 threads)
+  acc_t<T> v[TM][TN];
+};
+
+template <typename T, bool kWgrad>
+__device__ __forceinline__ void fma_stage(const T* As, const T* Bs, FmaAcc<T>& acc) {
+  using L = Tiles<T, kWgrad, false>;
+  using A = FmaAcc<T>;
+  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+#pragma unroll
+  for (int k = 0; k < L::BK; ++k) {
+    acc_t<T> a[A::TM], b[A::TN];
+#pragma unroll
+    for (int i = 0; i < A::TM; ++i) a[i] = to_acc(As[L::a_index(ty + 16 * i, k)]);
+#pragma unroll
+    for (int j = 0; j < A::TN; ++j) b[j] = to_acc(Bs[L::b_index(tx + 8 * j, k)]);
+#pragma unroll
+    for (int i = 0; i < A::TM; ++i)
+#pragma unroll
+      for (int j = 0; j < A::TN; ++j) acc.v[i][j] = fma(a[i], b[j], acc.v[i][j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void zero(FmaAcc<T>& acc) {
+#pragma unroll
+  for (int i = 0; i < FmaAcc<T>::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < FmaAcc<T>::TN; ++j) acc.v[i][j] = 0;
+}
+
+template <typename T, typename Fn>
+__device__ __forceinline__ void for_each_acc(const FmaAcc<T>& acc, Fn fn) {
+  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+#pragma unroll
+  for (int i = 0; i < FmaAcc<T>::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < FmaAcc<T>::TN; ++j) fn(ty + 16 * i, tx + 8 * j, acc.v[i][j]);
+}
+
+// ---------------------------------------------------------------------------
+// The kernel. Grid: x over BM row tiles, y over BN column tiles, z over
+// groups x splits (z = grp * splits + split).
+
+template <typename T, bool kWgrad, bool kMma>
+__global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch p) {
+  using L = Tiles<T, kWgrad, kMma>;
+  using Acc = typename std::conditional<kMma, MmaAcc, FmaAcc<T>>::type;
+  __shared__ __align__(16) T As[kStages][L::A_ELEMS];
+  __shared__ __align__(16) T Bs[kStages][L::B_ELEMS];
+
+  const Pass pass = kWgrad ? Pass::Wgrad : p.pass;
+  const GemmDims dims = gemm_dims(p.g, pass);
+  const int splits = kWgrad ? p.splits : 1;
+  const int grp = blockIdx.z / splits, split = blockIdx.z % splits;
+  const int64_t i0 = int64_t(blockIdx.x) * L::BM, j0 = int64_t(blockIdx.y) * L::BN;
+  const Range range = kWgrad ? split_range(dims.Kred, L::BK, split, splits) : Range{0, dims.Kred};
+  const int64_t t_begin = range.begin, t_end = range.end;
+  const int k_tiles = int((t_end - t_begin + L::BK - 1) / L::BK);
+
+  Acc acc;
+  zero(acc);
+  ARows<T, kWgrad, kMma> rows;
+  if constexpr (!kWgrad) init_rows(p, pass, dims, i0, rows);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_tile(p, dims, grp, i0, j0, rows, t_begin + int64_t(s) * L::BK, t_end, As[s], Bs[s]);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    // Tile kt has landed once at most kStages - 2 newer groups are pending;
+    // the barrier also retires every warp's reads of the stage refilled below.
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) {
+      load_tile(p, dims, grp, i0, j0, rows, t_begin + int64_t(next) * L::BK, t_end, As[next % kStages],
+                Bs[next % kStages]);
+    }
+    cp_async_commit();
+    const int st = kt % kStages;
+    if constexpr (kMma) {
+      mma_stage<T, kWgrad>(As[st], Bs[st], acc);
+    } else {
+      fma_stage<T, kWgrad>(As[st], Bs[st], acc);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: bias + ReLU in registers (forward), one bounds-checked store.
+  const T* bias = static_cast<const T*>(p.bias);
+  for_each_acc(acc, [&](int r, int c, acc_t<T> v) {
+    const int64_t i = i0 + r, j = j0 + c;
+    if (i >= dims.M || j >= dims.N) return;
+    const int64_t off = d_offset(p.g, pass, grp, i, j);
+    if (kWgrad) {
+      static_cast<acc_t<T>*>(p.d)[int64_t(split) * p.g.K * p.g.R * p.g.S * p.g.Cg + off] = v;
+    } else if (pass == Pass::Forward) {
+      if (bias != nullptr) v += to_acc(bias[int64_t(grp) * p.g.Kg + j]);
+      static_cast<T*>(p.d)[off] = from_acc<T>(relu(v));
+    } else {
+      static_cast<T*>(p.d)[off] = from_acc<T>(v);
+    }
+  });
+}
+
+template <typename T, bool kWgrad, bool kMma>
+LaunchStatus launch_gemm(const GemmLaunch& p, cudaStream_t stream) {
+  using L = Tiles<T, kWgrad, kMma>;
+  const GemmDims dims = gemm_dims(p.g, p.pass);
+  const int splits = kWgrad ? p.splits : 1;
+  const int64_t gx = (dims.M + L::BM - 1) / L::BM, gy = (dims.N + L::BN - 1) / L::BN;
+  if (gx > 0x7fffffff || gy > 65535 || int64_t(p.g.groups) * splits > 65535) {
+    return static_cast<LaunchStatus>(cudaErrorInvalidConfiguration);
+  }
+  dim3 grid(unsigned(gx), unsigned(gy), unsigned(p.g.groups * splits));
+  conv_gemm_kernel<T, kWgrad, kMma><<<grid, kThreads, 0, stream>>>(p);
+  return static_cast<LaunchStatus>(cudaGetLastError());
+}
+
+template <typename T, bool kMma>
+LaunchStatus launch_pass(const GemmLaunch& p, cudaStream_t stream) {
+  return p.pass == Pass::Wgrad ? launch_gemm<T, true, kMma>(p, stream) : launch_gemm<T, false, kMma>(p, stream);
+}
+
+// ---------------------------------------------------------------------------
+// Backward helpers
+
+template <typename T>
+__global__ void relu_grad_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = from_acc<T>(relu_grad(to_acc(dy[i]), to_acc(y[i])));
+  }
+}
+
+// Block (32, 8): 32 columns, 8 row lanes summed in a fixed order.
+template <typename T>
+__global__ void column_sum_kernel(const T* __restrict__ in, acc_t<T>* __restrict__ partial, int64_t rows, int cols,
+                                  int splits) {
+  __shared__ acc_t<T> sums[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  const Range range = split_range(rows, 1, blockIdx.y, splits);
+  acc_t<T> s = 0;
+  if (col < cols) {
+    for (int64_t r = range.begin + threadIdx.y; r < range.end; r += 8) s += to_acc(in[r * cols + col]);
+  }
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    acc_t<T> total = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) total += sums[k][threadIdx.x];
+    partial[int64_t(blockIdx.y) * cols + col] = total;
+  }
+}
+
+template <typename T>
+__global__ void reduce_splits_kernel(const acc_t<T>* __restrict__ partial, T* __restrict__ out, int64_t n,
+                                     int splits) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t<T> s = 0;
+    for (int k = 0; k < splits; ++k) s += partial[int64_t(k) * n + i];
+    out[i] = from_acc<T>(s);
+  }
+}
+
+}  // namespace
+
+LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::Float16: return launch_pass<__half, true>(p, s);
+    case DType::BFloat16: return launch_pass<__nv_bfloat16, true>(p, s);
+    case DType::Float32: return p.allow_tf32 ? launch_pass<float, true>(p, s) : launch_pass<float, false>(p, s);
+    case DType::Float64: return launch_pass<double, false>(p, s);
+  }
+  return static_cast<LaunchStatus>(cudaErrorInvalidValue);
+}
+
+LaunchStatus relu_grad_cuda(DType dtype, const void* dy, const void* y, void* out, int64_t n, void* stream) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
+    using T = decltype(tag);
+    relu_grad_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<T*>(out), n);
+    return static_cast<LaunchStatus>(cudaGetLastError());
+  });
+}
+
+LaunchStatus column_sum_cuda(DType dtype, const void* in, void* partial, int64_t rows, int cols, int splits,
+                             void* stream) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
+    using T = decltype(tag);
+    dim3 grid(unsigned((cols + 31) / 32), unsigned(splits));
+    column_sum_kernel<T><<<grid, dim3(32, 8), 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(in), static_cast<acc_t<T>*>(partial), rows, cols, splits);
+    return static_cast<LaunchStatus>(cudaGetLastError());
+  });
+}
+
+LaunchStatus reduce_splits_cuda(DType dtype, const void* partial, void* out, int64_t n, int splits, void* stream) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
+    using T = decltype(tag);
+    reduce_splits_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const acc_t<T>*>(partial), static_cast<T*>(out), n, splits);
+    return static_cast<LaunchStatus>(cudaGetLastError());
+  });
+}
+
+}  // namespace conv
+}  // namespace alexnet_ext
