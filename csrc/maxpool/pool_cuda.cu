@@ -157,8 +157,6 @@ __global__ void __launch_bounds__(kThreads) backward_gather(const T* __restrict_
   }
 }
 
-bool is_alexnet_window(const PoolGeometry& g) { return g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2; }
-
 // 32-bit index arithmetic (much cheaper on the GPU) when every linear offset
 // into the input and the output fits, with room for the grid-stride step.
 bool fits_int32(const PoolGeometry& g) {
