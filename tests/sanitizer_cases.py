@@ -1,6 +1,7 @@
 """Small CUDA cases for compute-sanitizer (memcheck, racecheck):
 `compute-sanitizer --tool memcheck python tests/sanitizer_cases.py lrn`.
-Each case runs forward and backward in every dtype and layout once."""
+Each case runs forward and backward in every dtype and layout once; every
+op adds its case to CASES (tools/gpu_report.sh runs them all)."""
 import sys
 
 import torch
@@ -23,6 +24,9 @@ def lrn_case():
 CASES = {"lrn": lrn_case}
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--list"]:
+        print(" ".join(CASES))
+        sys.exit(0)
     names = sys.argv[1:] or list(CASES)
     for name in names:
         CASES[name]()

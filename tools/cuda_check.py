@@ -84,7 +84,9 @@ def main():
             print(f"== {rel}: COMPILE ERROR\n{log}")
             continue
         rows = parse(log)
-        names = demangle([r["kernel"] for r in rows])
+        # Signature without its argument list: templates say enough.
+        names = [n.replace("(anonymous namespace)::", "").split("(")[0]
+                 for n in demangle([r["kernel"] for r in rows])]
         print(f"== {rel}: {len(rows)} kernel builds")
         print(f"   {'arch':6s} {'regs':>4s} {'smem':>6s} {'stack':>5s} {'spill st/ld':>11s}  kernel")
         for row, name in zip(rows, names):

@@ -21,18 +21,24 @@ template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Calls `fn(T{})` with the CUDA element type matching `dtype`; returns the
-// launch status of the last launch.
+// Calls `fn(T{})` with the CUDA element type matching `dtype` and returns
+// what it returns (a LaunchStatus: 0 or a cudaError_t).
 template <typename Fn>
 LaunchStatus dispatch_cuda_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::Float64: fn(double{}); break;
-    case DType::Float32: fn(float{}); break;
-    case DType::Float16: fn(__half{}); break;
-    case DType::BFloat16: fn(__nv_bfloat16{}); break;
-    default: return static_cast<LaunchStatus>(cudaErrorInvalidValue);
+    case DType::Float64: return fn(double{});
+    case DType::Float32: return fn(float{});
+    case DType::Float16: return fn(__half{});
+    case DType::BFloat16: return fn(__nv_bfloat16{});
   }
-  return static_cast<LaunchStatus>(cudaGetLastError());
+  return static_cast<LaunchStatus>(cudaErrorInvalidValue);
+}
+
+// Dynamic shared memory above the default 48 KiB needs an opt-in per kernel.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 // Grid size for a grid-stride loop over `work` items: enough blocks to fill

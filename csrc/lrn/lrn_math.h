@@ -80,10 +80,10 @@ AX_HD acc grad_term(acc dy, acc x, acc s_inv_pow, acc s) {
   return dy * x * s_inv_pow / s;
 }
 
-// dx[i] from its own denominator and the window sum of t over R(i).
+// dx[i] from its first term dy[i] * s[i]^-beta and the window sum of t over R(i).
 template <typename acc>
-AX_HD acc grad_input(acc dy, acc x, acc s_inv_pow, acc sum_t, const Coefs<acc>& c) {
-  return dy * s_inv_pow - c.grad_coef * x * sum_t;
+AX_HD acc grad_input(acc dy_times_inv_pow, acc x, acc sum_t, const Coefs<acc>& c) {
+  return dy_times_inv_pow - c.grad_coef * x * sum_t;
 }
 
 }  // namespace lrn
