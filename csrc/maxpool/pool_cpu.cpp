@@ -59,6 +59,58 @@ void forward_nchw(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeome
   });
 }
 
+// Same-width integer for offsets kept next to acc values, so the selects
+// below vectorise with one mask for both.
+template <typename acc>
+using lane_int = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;
+
+// Maximum over K consecutive columns starting every S columns, for n
+// windows that lie inside the row: cm[i] and its column offset co[i].
+template <int K, int S, typename scalar_t, typename acc, typename lane>
+void column_max(const scalar_t* __restrict__ row, acc* __restrict__ cm, lane* __restrict__ co, int n) {
+  for (int i = 0; i < n; ++i) {
+    acc m = static_cast<acc>(row[i * S]);
+    lane d = 0;
+    for (int j = 1; j < K; ++j) {
+      const acc v = static_cast<acc>(row[i * S + j]);
+      const bool take = takes_max(v, m);
+      m = take ? v : m;
+      d = take ? lane(j) : d;
+    }
+    cm[i] = m;
+    co[i] = d;
+  }
+}
+
+// Folds n candidates into running maxima: candidate i is v[i] with offset
+// off(i). Used for a row of column maxima (NCHW) and for one input pixel's
+// channels (channels_last).
+template <typename value_t, typename acc, typename lane, typename Off>
+void merge_candidates(const value_t* __restrict__ v, const Off& off, acc* __restrict__ best,
+                      lane* __restrict__ best_off, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc x = static_cast<acc>(v[i]), m = best[i];
+    const lane d = off(i), md = best_off[i];
+    const bool take = takes_max(x, m);
+    best[i] = take ? x : m;
+    best_off[i] = take ? d : md;
+  }
+}
+
+// A row of column maxima: the offset is the row's plus the column's.
+template <typename acc, typename lane>
+void merge_row(const acc* __restrict__ cm, const lane* __restrict__ co, lane row_offset, acc* __restrict__ best,
+               lane* __restrict__ best_off, int64_t n) {
+  merge_candidates(cm, [co, row_offset](int64_t i) { return row_offset + co[i]; }, best, best_off, n);
+}
+
+// One input pixel's channels: one offset for all of them.
+template <typename scalar_t, typename acc, typename lane>
+void merge_pixel(const scalar_t* __restrict__ px, lane off, acc* __restrict__ best, lane* __restrict__ best_off,
+               int64_t n) {
+  merge_candidates(px, [off](int64_t) { return off; }, best, best_off, n);
+}
+
 // channels_last: one output row of one image per task. The window is walked
 // element by element with the channel loop innermost, so every load is a
 // contiguous run of C values (the compiler vectorises the select below);
@@ -66,10 +118,11 @@ void forward_nchw(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeome
 template <typename scalar_t, typename off_t, bool kSaveArgmax>
 void forward_channels_last(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeometry& g) {
   using acc = at::opmath_type<scalar_t>;
+  using lane = lane_int<acc>;
   const int64_t C = g.channels, images = g.planes / std::max<int64_t>(1, C);
   at::parallel_for(0, images * g.out_h, grain(int64_t{g.out_w} * g.kh * g.kw * C), [&](int64_t begin, int64_t end) {
     std::vector<acc> best(C);
-    std::vector<int> best_off(C);
+    std::vector<lane> best_off(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / g.out_h;
       const int oh = static_cast<int>(t % g.out_h);
@@ -78,23 +131,19 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, off_t* argmax, const 
       for (int ow = 0; ow < g.out_w; ++ow) {
         const int w0 = window_start(ow, g.sw, g.pw);
         const int iw_lo = ax_max(w0, 0), iw_hi = ax_min(w0 + g.kw, g.in_w);
+        // Start from the first element; scanning it again changes nothing
+        // (it does not exceed itself; a NaN replacing itself is the same).
+        const scalar_t* first = x + ((n * g.in_h + ih_lo) * g.in_w + iw_lo) * C;
+        const lane first_off = encode_offset(ih_lo - h0, iw_lo - w0, g.kw);
+        for (int64_t c = 0; c < C; ++c) {
+          best[c] = static_cast<acc>(first[c]);
+          best_off[c] = first_off;
+        }
         for (int ih = ih_lo; ih < ih_hi; ++ih) {
           for (int iw = iw_lo; iw < iw_hi; ++iw) {
             const scalar_t* px = x + ((n * g.in_h + ih) * g.in_w + iw) * C;
-            const int off = encode_offset(ih - h0, iw - w0, g.kw);
-            if (ih == ih_lo && iw == iw_lo) {
-              for (int64_t c = 0; c < C; ++c) {
-                best[c] = static_cast<acc>(px[c]);
-                best_off[c] = off;
-              }
-              continue;
-            }
-            for (int64_t c = 0; c < C; ++c) {
-              const acc v = static_cast<acc>(px[c]);
-              const bool take = takes_max(v, best[c]);
-              best[c] = take ? v : best[c];
-              best_off[c] = take ? off : best_off[c];
-            }
+            const lane off = encode_offset(ih - h0, iw - w0, g.kw);
+            merge_pixel(px, off, best.data(), best_off.data(), C);
           }
         }
         const int64_t o = ((n * g.out_h + oh) * g.out_w + ow) * C;
@@ -127,42 +176,6 @@ void accumulate_into(scalar_t* dx, int64_t n, std::vector<at::opmath_type<scalar
     scratch.assign(n, acc(0));
     fn(scratch.data());
     for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<scalar_t>(scratch[i]);
-  }
-}
-
-// Same-width integer for offsets kept next to acc values, so the selects
-// below vectorise with one mask for both.
-template <typename acc>
-using lane_int = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;
-
-// Maximum over K consecutive columns starting every S columns, for n
-// windows that lie inside the row: cm[i] and its column offset co[i].
-template <int K, int S, typename scalar_t, typename acc, typename lane>
-void column_max(const scalar_t* __restrict__ row, acc* __restrict__ cm, lane* __restrict__ co, int n) {
-  for (int i = 0; i < n; ++i) {
-    acc m = static_cast<acc>(row[i * S]);
-    lane d = 0;
-    for (int j = 1; j < K; ++j) {
-      const acc v = static_cast<acc>(row[i * S + j]);
-      const bool take = takes_max(v, m);
-      m = take ? v : m;
-      d = take ? lane(j) : d;
-    }
-    cm[i] = m;
-    co[i] = d;
-  }
-}
-
-// Folds one more row of column maxima into the running maxima of an output row.
-template <typename acc, typename lane>
-void merge_row(const acc* __restrict__ cm, const lane* __restrict__ co, lane row_offset, acc* __restrict__ best,
-               lane* __restrict__ best_off, int n) {
-  for (int i = 0; i < n; ++i) {
-    const acc v = cm[i], m = best[i];
-    const lane d = row_offset + co[i], md = best_off[i];
-    const bool take = takes_max(v, m);
-    best[i] = take ? v : m;
-    best_off[i] = take ? d : md;
   }
 }
 
