@@ -152,7 +152,7 @@ def main(argv=None):
                     times[(name, mode)] = ms
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     report.add(shape=shape_name, dtype=str(dtype).replace("torch.", ""), mode=mode, impl=name,
-                               ms=ms, ms_p10=p10, ms_p90=p90, gbs=gbs, frac_copy_bw=gbs / copy_gbs,
+                               case=f"{shape_name.split()[0]} {str(dtype).replace('torch.', '')} {mode}", ms=ms, ms_p10=p10, ms_p90=p90, gbs=gbs, frac_copy_bw=gbs / copy_gbs,
                                saved_bytes_per_out=saved if mode == "fwd+bwd" else "")
             for (name, mode), ms in times.items():
                 if not name.startswith("ours"):
@@ -168,7 +168,7 @@ def main(argv=None):
                                         f" ({'meets' if ratio >= CPU_TARGET else 'BELOW'} {CPU_TARGET}x)")
     if cpu_verdicts:
         report.note(f"CPU speedup over F.max_pool2d at N={n} (target {CPU_TARGET}x): " + "; ".join(cpu_verdicts))
-    report.write(plot=("shape", "frac_copy_bw", "impl") if device == "cuda" else ("mode", "ms", "impl"))
+    report.write(plot=("case", "frac_copy_bw" if device == "cuda" else "ms", "impl"))
 
 
 if __name__ == "__main__":
