@@ -12,6 +12,8 @@ _C = load_extension()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd for the operators)
 from . import functional, nn  # noqa: E402
+from . import models, parallel  # noqa: E402
+from .convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,4 @@ def cuda_kernels_compiled() -> bool:
     return bool(torch.ops.alexnet_ext._cuda_kernels_compiled())
 
 
-__all__ = ["functional", "nn", "cuda_kernels_compiled", "__version__"]
+__all__ = ["functional", "nn", "models", "parallel", "convert", "cuda_kernels_compiled", "__version__"]

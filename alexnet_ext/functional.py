@@ -92,3 +92,64 @@ def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: boo
         return out
     indices = flat_indices(argmax, x.shape[-1], kernel_size, stride, padding)
     return out, indices if batched else indices.squeeze(0)
+
+
+def _conv_pair(value, name):
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return [int(value[0]), int(value[1])]
+    raise ValueError(f"conv2d_relu: `{name}` must be an int or a pair of ints, got {value!r}")
+
+
+def _autocast_dtype(device_type):
+    """The dtype autocast runs convolutions in on `device_type`, or None."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def conv2d_relu(input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, groups: int = 1, *,
+                dilation=1) -> Tensor:
+    """``F.relu(F.conv2d(input, weight, bias, stride, padding, groups=groups))``
+    in one operator: bias and ReLU are applied to the accumulator before the
+    single store, and backward keeps only input, weight and the output.
+
+    ``input`` is ``(N, C, H, W)`` (channels_last is the CUDA kernels' native
+    layout; NCHW is converted), ``weight`` ``(K, C/groups, R, S)``, ``bias``
+    ``(K,)`` or None. ``padding`` may also be ``'valid'`` or ``'same'`` (odd
+    kernels, stride 1). Only ``dilation=1`` is supported. Under autocast the
+    operands are cast to the autocast dtype, as ``F.conv2d`` does. On CUDA,
+    float32 runs on TF32 tensor cores when
+    ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for
+    convolutions), exactly (FFMA) otherwise.
+    """
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"conv2d_relu: `{name}` must be a Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"conv2d_relu: `bias` must be a Tensor or None, got {type(bias).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"conv2d_relu: `input` must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv2d_relu: `weight` must be 4-D (K, C/groups, R, S), got shape {tuple(weight.shape)}")
+    if _conv_pair(dilation, "dilation") != [1, 1]:
+        raise ValueError(f"conv2d_relu: only `dilation` = 1 is supported, got {dilation!r}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv2d_relu: `groups` must be an int >= 1, got {groups!r}")
+    stride = _conv_pair(stride, "stride")
+    if isinstance(padding, str):
+        kernel = weight.shape[2:]
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same" and stride == [1, 1] and all(k % 2 == 1 for k in kernel):
+            padding = [kernel[0] // 2, kernel[1] // 2]
+        else:
+            raise ValueError(f"conv2d_relu: `padding` = {padding!r} is supported as 'valid', or 'same' with "
+                             f"stride 1 and odd kernel sizes (got stride {stride}, kernel {tuple(kernel)})")
+    padding = _conv_pair(padding, "padding")
+    cast = _autocast_dtype(input.device.type)
+    if cast is not None:
+        input, weight = input.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    return _ops.conv2d_relu_forward(input, weight, bias, stride, padding, groups)

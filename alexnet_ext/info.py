@@ -21,15 +21,53 @@ def peer_access_matrix():
     return [[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(n)] for i in range(n)]
 
 
+def _matrix_lines(matrix, cell, width):
+    n = len(matrix)
+    lines = ["  src\\dst " + " ".join(f"{j:>{width}d}" for j in range(n))]
+    for i in range(n):
+        lines.append(f"  {i:>7d} " + " ".join(f"{cell(matrix[i][j]):>{width}s}" for j in range(n)))
+    return lines
+
+
 def _peer_lines():
     matrix = peer_access_matrix()
     if len(matrix) < 2:
         return ["  (fewer than two GPUs: no peer-to-peer pairs)"]
-    n = len(matrix)
-    lines = ["  src\\dst " + " ".join(f"{j:>4d}" for j in range(n))]
+    return _matrix_lines(matrix, lambda ok: "yes" if ok else "no", 4)
+
+
+def p2p_bandwidth_gbs(nbytes: int = 256 << 20, reps: int = 10):
+    """Measured copy bandwidth in GB/s (bytes moved / time) from cuda:i to
+    cuda:j for every ordered pair of visible GPUs; the diagonal is a copy
+    within one GPU. Peer access is used where the driver allows it (PyTorch
+    enables it on the first copy between the pair)."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    result = [[0.0] * n for _ in range(n)]
     for i in range(n):
-        lines.append(f"  {i:>7d} " + " ".join(f"{'yes' if matrix[i][j] else 'no':>4s}" for j in range(n)))
-    return lines
+        src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{i}").random_()
+        for j in range(n):
+            dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{j}")
+            dst.copy_(src)  # warm-up: enables peer access, creates the streams
+            torch.cuda.synchronize(i)
+            torch.cuda.synchronize(j)
+            # A copy between GPUs runs on the source device's current stream.
+            with torch.cuda.device(i):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    dst.copy_(src)
+                end.record()
+            end.synchronize()
+            torch.cuda.synchronize(j)
+            result[i][j] = nbytes * reps / (start.elapsed_time(end) * 1e-3) / 1e9
+            del dst
+    return result
+
+
+def _bandwidth_lines():
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return ["  (fewer than two GPUs: nothing to measure)"]
+    return _matrix_lines(p2p_bandwidth_gbs(), lambda gbs: f"{gbs:.1f}", 7)
 
 
 def report() -> str:
@@ -52,6 +90,8 @@ def report() -> str:
         *_gpu_lines(),
         "peer-to-peer access:",
         *_peer_lines(),
+        "copy bandwidth GB/s (256 MiB, cuda:src -> cuda:dst):",
+        *_bandwidth_lines(),
     ]
     return "\n".join(lines)
 

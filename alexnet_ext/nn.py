@@ -28,3 +28,24 @@ class MaxPool2d(torch.nn.MaxPool2d):
     def forward(self, input: torch.Tensor):
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                             self.return_indices, self.dilation)
+
+
+class Conv2dReLU(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` followed by ReLU, computed by one fused operator.
+
+    Same constructor, parameters, initialisation and ``state_dict`` keys as
+    ``torch.nn.Conv2d`` (weights load both ways); ``dilation`` must be 1 and
+    ``padding_mode`` ``'zeros'``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        if tuple(self.dilation) != (1, 1):
+            raise ValueError(f"Conv2dReLU: only `dilation` = 1 is supported, got {dilation!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"Conv2dReLU: only `padding_mode` = 'zeros' is supported, got {padding_mode!r}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.conv2d_relu(input, self.weight, self.bias, self.stride, self.padding, self.groups)

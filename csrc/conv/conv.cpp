@@ -1,0 +1,412 @@
+// conv2d + bias + ReLU operators: schemas, argument checks, layouts and the
+// CPU/CUDA registrations.
+//
+// CPU: ATen's convolution in the accumulation dtype, then bias + ReLU (and
+// the rounding to the output dtype) in one pass; backward masks dy with
+// relu_grad(dy, y) and calls ATen's convolution_backward.
+// CUDA: the implicit GEMMs of conv_math.h on NHWC operands; NCHW tensors are
+// converted to channels_last here and the results copied back.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "common/op_utils.h"
+#include "conv/conv_cpu.h"
+#include "conv/conv_cuda.h"
+
+namespace alexnet_ext {
+namespace conv {
+namespace {
+
+constexpr const char* kOp = "alexnet_ext.conv2d_relu";
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t min) {
+  TORCH_CHECK(v.size() == 2, kOp, ": `", name, "` must have 2 elements, got ", v.size());
+  TORCH_CHECK(v[0] >= min && v[1] >= min, kOp, ": `", name, "` must be >= ", min, ", got ", v);
+  TORCH_CHECK(v[0] < (1 << 20) && v[1] < (1 << 20), kOp, ": `", name, "` is too large: ", v);
+}
+
+// Checks every argument and returns the geometry (unpadded channels).
+ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  check_float_tensor(input, "input");
+  check_float_tensor(weight, "weight");
+  TORCH_CHECK(input.dim() == 4, kOp, ": `input` must be 4-D (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, kOp, ": `weight` must be 4-D (K, C/groups, R, S), got shape ", weight.sizes());
+  check_same_device_dtype(weight, "weight", input, "input");
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  TORCH_CHECK(groups >= 1, kOp, ": `groups` must be >= 1, got ", groups);
+  const int64_t C = input.size(1), K = weight.size(0);
+  TORCH_CHECK(C % groups == 0, kOp, ": `input` has ", C, " channels, not divisible by `groups` = ", groups);
+  TORCH_CHECK(K % groups == 0, kOp, ": `weight` has ", K, " output channels, not divisible by `groups` = ", groups);
+  TORCH_CHECK(weight.size(1) * groups == C, kOp, ": `weight` of shape ", weight.sizes(), " with `groups` = ", groups,
+              " expects ", weight.size(1) * groups, " input channels, but `input` has ", C);
+  TORCH_CHECK(K >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, kOp, ": `weight` must not be empty, got shape ",
+              weight.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_float_tensor(*bias, "bias");
+    check_same_device_dtype(*bias, "bias", input, "input");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K, kOp, ": `bias` must have shape (", K, "), got ",
+                bias->sizes());
+  }
+  const int64_t H = input.size(2), W = input.size(3), R = weight.size(2), S = weight.size(3);
+  TORCH_CHECK(H + 2 * padding[0] >= R && W + 2 * padding[1] >= S, kOp, ": `input` spatial size (", H, ", ", W,
+              ") plus `padding` ", padding, " is smaller than the kernel (", R, ", ", S, ")");
+  constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(input.numel() <= kMaxInt && weight.numel() <= kMaxInt, kOp,
+              ": tensors with more than 2^31 - 1 elements are not supported (`input` has ", input.numel(), ")");
+  ConvGeom g;
+  g.N = int(input.size(0));
+  g.C = int(C);
+  g.H = int(H);
+  g.W = int(W);
+  g.K = int(K);
+  g.R = int(R);
+  g.S = int(S);
+  g.stride_h = int(stride[0]);
+  g.stride_w = int(stride[1]);
+  g.pad_h = int(padding[0]);
+  g.pad_w = int(padding[1]);
+  g.P = conv_out_size(g.H, g.R, g.stride_h, g.pad_h);
+  g.Q = conv_out_size(g.W, g.S, g.stride_w, g.pad_w);
+  g.groups = int(groups);
+  g.Cg = int(C / groups);
+  g.Kg = int(K / groups);
+  TORCH_CHECK(int64_t(g.N) * g.K * g.P * g.Q <= kMaxInt, kOp,
+              ": outputs with more than 2^31 - 1 elements are not supported");
+  return g;
+}
+
+std::vector<int64_t> output_sizes(const ConvGeom& g) { return {g.N, g.K, g.P, g.Q}; }
+
+// ---------------------------------------------------------------------------
+// Operand preparation shared by the CUDA path and the GEMM reference:
+// channels-last operands with the channels of every group padded with zeros
+// to a multiple of `vec` (16 bytes of the element type on CUDA).
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// (..., G*c) -> (..., G*c_pad): zero channels appended to every group.
+at::Tensor pad_groups_last(const at::Tensor& t, int64_t groups, int64_t c_pad) {
+  const int64_t c = t.size(-1) / groups;
+  if (c == c_pad) return t.contiguous();
+  std::vector<int64_t> split(t.sizes().begin(), t.sizes().end() - 1);
+  split.push_back(groups);
+  split.push_back(c);
+  std::vector<int64_t> merged(t.sizes().begin(), t.sizes().end() - 1);
+  merged.push_back(groups * c_pad);
+  return at::constant_pad_nd(t.reshape(split), {0, c_pad - c}).reshape(merged).contiguous();
+}
+
+// NCHW-indexed tensor -> contiguous NHWC with padded group channels.
+at::Tensor to_nhwc(const at::Tensor& t, int64_t groups, int64_t c_pad) {
+  return pad_groups_last(t.permute({0, 2, 3, 1}), groups, c_pad);
+}
+
+struct Operands {
+  ConvGeom g;       // padded geometry (C = G*Cg, K = G*Kg with padded Cg, Kg)
+  ConvGeom orig;    // the caller's geometry
+};
+
+Operands padded_geometry(const ConvGeom& orig, int64_t vec) {
+  Operands o{orig, orig};
+  o.g.Cg = int(round_up(orig.Cg, vec));
+  o.g.Kg = int(round_up(orig.Kg, vec));
+  o.g.C = o.g.Cg * orig.groups;
+  o.g.K = o.g.Kg * orig.groups;
+  return o;
+}
+
+// weight (K, Cg, R, S) -> padded KRSC (G*Kg', R, S, Cg').
+at::Tensor weight_krsc(const at::Tensor& weight, const Operands& o) {
+  const ConvGeom& g = o.g;
+  at::Tensor w = pad_groups_last(weight.permute({0, 2, 3, 1}), 1, g.Cg);   // (K, R, S, Cg')
+  w = w.reshape({g.groups, o.orig.Kg, g.R * g.S * g.Cg});
+  return at::constant_pad_nd(w, {0, 0, 0, g.Kg - o.orig.Kg}).reshape({g.K, g.R, g.S, g.Cg}).contiguous();
+}
+
+// padded KRSC -> wt (G, Cg', R, S, Kg') for dgrad.
+at::Tensor weight_for_dgrad(const at::Tensor& w_krsc, const ConvGeom& g) {
+  return w_krsc.reshape({g.groups, g.Kg, g.R, g.S, g.Cg}).permute({0, 4, 2, 3, 1}).contiguous();
+}
+
+// (N, A, B, G*c_pad) -> NCHW-indexed view with the caller's channels.
+at::Tensor unpad_nhwc(const at::Tensor& t, int64_t groups, int64_t c_pad, int64_t c) {
+  at::Tensor v = t.reshape({t.size(0), t.size(1), t.size(2), groups, c_pad});
+  if (c != c_pad) v = v.narrow(4, 0, c);
+  return v.reshape({t.size(0), t.size(1), t.size(2), groups * c}).permute({0, 3, 1, 2});
+}
+
+// padded KRSC-shaped (G*Kg', R, S, Cg') -> (K, Cg, R, S) view.
+at::Tensor unpad_krsc(const at::Tensor& t, const Operands& o) {
+  const ConvGeom& g = o.g;
+  at::Tensor v = t.reshape({g.groups, g.Kg, g.R, g.S, g.Cg}).narrow(1, 0, o.orig.Kg).narrow(4, 0, o.orig.Cg);
+  return v.reshape({o.orig.K, g.R, g.S, o.orig.Cg}).permute({0, 3, 1, 2});
+}
+
+// ---------------------------------------------------------------------------
+// CPU
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const ConvGeom& g, at::IntArrayRef stride, at::IntArrayRef padding, at::Tensor& y,
+                       at::MemoryFormat fmt) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor conv = at::convolution(x.to(acc), weight.to(acc), std::nullopt, stride, padding, {1, 1}, false,
+                                    {0, 0}, g.groups)
+                        .contiguous(fmt);
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : at::Tensor();
+  bias_relu_cpu(conv, b, y, fmt);
+  return y;
+}
+
+// ---------------------------------------------------------------------------
+// CUDA
+
+#ifdef ALEXNET_EXT_WITH_CUDA
+int64_t vec_elems(const at::Tensor& t) { return kVecBytes / int64_t(t.element_size()); }
+
+bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
+
+void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const ConvGeom& orig, at::Tensor& y) {
+  c10::DeviceGuard guard(input.device());
+  const Operands o = padded_geometry(orig, vec_elems(input));
+  const ConvGeom& g = o.g;
+  const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
+  const at::Tensor w = weight_krsc(weight, o);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
+  // Write straight into y when it already is the NHWC buffer the kernel fills.
+  const bool direct = g.K == orig.K && y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = direct ? y : at::empty({g.N, g.P, g.Q, g.K}, input.options());
+  GemmLaunch p;
+  p.g = g;
+  p.pass = Pass::Forward;
+  p.a = x.const_data_ptr();
+  p.b = w.const_data_ptr();
+  p.d = out.mutable_data_ptr();
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  p.allow_tf32 = allow_tf32();
+  check_launch(conv_gemm_cuda(dtype_tag(input.scalar_type()), p, current_stream(input)), "conv2d_relu forward");
+  if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
+}
+
+// Split-K count for wgrad: enough blocks to fill the GPU, with each split
+// still reducing over a few thousand output pixels.
+int wgrad_splits(const ConvGeom& g) {
+  const int64_t pixels = int64_t(g.N) * g.P * g.Q;
+  const int64_t tiles = ((g.Kg + 127) / 128) * ((int64_t(g.R) * g.S * g.Cg + 63) / 64) * g.groups;
+  int64_t splits = std::max<int64_t>(1, 264 / std::max<int64_t>(1, tiles));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, pixels / 2048));
+  return int(std::min<int64_t>(splits, 64));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                                             const at::Tensor& weight, const at::Tensor& output,
+                                                             const ConvGeom& orig, std::array<bool, 3> mask,
+                                                             at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+  c10::DeviceGuard guard(input.device());
+  const DType dt = dtype_tag(input.scalar_type());
+  void* stream = current_stream(input);
+  const Operands o = padded_geometry(orig, vec_elems(input));
+  const ConvGeom& g = o.g;
+  // dy masked by ReLU's gradient, NPQK with padded channels (padding is 0).
+  const at::Tensor dy = to_nhwc(grad_output, 1, orig.K).contiguous();
+  const at::Tensor y = to_nhwc(output, 1, orig.K).contiguous();
+  at::Tensor dym = at::empty_like(dy);
+  check_launch(relu_grad_cuda(dt, dy.const_data_ptr(), y.const_data_ptr(), dym.mutable_data_ptr(), dy.numel(), stream),
+               "conv2d_relu relu_grad");
+  dym = pad_groups_last(dym, g.groups, g.Kg);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  if (mask[2]) {
+    // Column sums of dym over all pixels: partial sums per row range, then
+    // the same ordered reduction as wgrad (deterministic, no atomics).
+    const int64_t rows = int64_t(g.N) * g.P * g.Q;
+    const int splits = int(std::min<int64_t>(128, std::max<int64_t>(1, rows / 1024)));
+    at::Tensor partial = at::empty({splits, g.K}, input.options().dtype(acc));
+    at::Tensor sums = at::empty({g.K}, input.options());
+    check_launch(column_sum_cuda(dt, dym.const_data_ptr(), partial.mutable_data_ptr(), rows, g.K, splits, stream),
+                 "conv2d_relu bias grad");
+    check_launch(reduce_splits_cuda(dt, partial.const_data_ptr(), sums.mutable_data_ptr(), g.K, splits, stream),
+                 "conv2d_relu bias grad reduction");
+    db.copy_(sums.reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K}));
+  }
+  GemmLaunch p;
+  p.g = g;
+  p.allow_tf32 = allow_tf32();
+  if (mask[0]) {
+    const at::Tensor wt = weight_for_dgrad(weight_krsc(weight, o), g);
+    const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor out = direct ? dx : at::empty({g.N, g.H, g.W, g.C}, input.options());
+    p.pass = Pass::Dgrad;
+    p.a = dym.const_data_ptr();
+    p.b = wt.const_data_ptr();
+    p.d = out.mutable_data_ptr();
+    check_launch(conv_gemm_cuda(dt, p, stream), "conv2d_relu dgrad");
+    if (!direct) dx.copy_(unpad_nhwc(out, g.groups, g.Cg, orig.Cg));
+  }
+  if (mask[1]) {
+    const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
+    p.pass = Pass::Wgrad;
+    p.splits = wgrad_splits(g);
+    at::Tensor ws = at::empty({p.splits, g.K, g.R, g.S, g.Cg}, input.options().dtype(acc));
+    at::Tensor out = at::empty({g.K, g.R, g.S, g.Cg}, input.options());
+    p.a = dym.const_data_ptr();
+    p.b = x.const_data_ptr();
+    p.d = ws.mutable_data_ptr();
+    check_launch(conv_gemm_cuda(dt, p, stream), "conv2d_relu wgrad");
+    check_launch(reduce_splits_cuda(dt, ws.const_data_ptr(), out.mutable_data_ptr(), out.numel(), p.splits, stream),
+                 "conv2d_relu wgrad reduction");
+    dw.copy_(unpad_krsc(out, o));
+  }
+  return {dx, dw, db};
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Operators
+
+at::Tensor conv2d_relu_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  const ConvGeom g = check_and_geometry(input, weight, bias, stride, padding, groups);
+  const at::MemoryFormat fmt = suggested_format(input);
+  at::Tensor y = new_output(output_sizes(g), input.options(), fmt);
+  if (y.numel() == 0) return y;
+  if (input.is_cuda()) {
+#ifdef ALEXNET_EXT_WITH_CUDA
+    forward_cuda(input, weight, bias, g, y);
+#endif
+    return y;
+  }
+  return forward_cpu(input, weight, bias, g, stride, padding, y, fmt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
+    at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvGeom g = check_and_geometry(input, weight, std::nullopt, stride, padding, groups);
+  check_float_tensor(grad_output, "grad_output");
+  check_float_tensor(output, "output");
+  check_same_device_dtype(grad_output, "grad_output", input, "input");
+  check_same_device_dtype(output, "output", input, "input");
+  const auto expect = output_sizes(g);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), kOp, " backward: `grad_output` must have shape ",
+              at::IntArrayRef(expect), ", got ", grad_output.sizes());
+  TORCH_CHECK(output.sizes() == at::IntArrayRef(expect), kOp, " backward: `output` must have shape ",
+              at::IntArrayRef(expect), ", got ", output.sizes());
+  // Gradients not asked for come back as empty tensors.
+  const auto opts = input.options();
+  at::Tensor dx = output_mask[0] ? new_output(input.sizes(), opts, suggested_format(input)) : at::empty({0}, opts);
+  at::Tensor dw = output_mask[1] ? new_output(weight.sizes(), opts, suggested_format(weight)) : at::empty({0}, opts);
+  at::Tensor db = output_mask[2] ? new_output({g.K}, opts) : at::empty({0}, opts);
+  if (grad_output.numel() == 0) {
+    // No output pixels (N == 0): every gradient is zero.
+    if (output_mask[0]) dx.zero_();
+    if (output_mask[1]) dw.zero_();
+    if (output_mask[2]) db.zero_();
+    return {dx, dw, db};
+  }
+  if (input.is_cuda()) {
+#ifdef ALEXNET_EXT_WITH_CUDA
+    return backward_cuda(grad_output, input, weight, output, g, output_mask, dx, dw, db);
+#endif
+    return {dx, dw, db};
+  }
+  const at::MemoryFormat fmt = suggested_format(output);
+  const at::Tensor y = output.contiguous(fmt);
+  at::Tensor dym = at::empty_like(y);
+  relu_grad_cpu(grad_output.contiguous(fmt), y, dym);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  if (output_mask[2]) db.copy_(dym.sum({0, 2, 3}, false, acc));
+  if (output_mask[0] || output_mask[1]) {
+    auto grads = at::convolution_backward(dym.to(acc), input.to(acc), weight.to(acc), std::nullopt, stride, padding,
+                                          {1, 1}, false, {0, 0}, groups, {output_mask[0], output_mask[1], false});
+    if (output_mask[0]) dx.copy_(std::get<0>(grads));
+    if (output_mask[1]) dw.copy_(std::get<1>(grads));
+  }
+  return {dx, dw, db};
+}
+
+// The implicit GEMMs of conv_math.h run by plain CPU loops on the operands
+// the CUDA path prepares (channels padded to `vec`), forward and backward:
+// (y, dx, dw, db) in the accumulation dtype. A test hook, not a fast path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_reference(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& grad_output, at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, int64_t vec,
+    int64_t splits) {
+  const ConvGeom orig = check_and_geometry(input, weight, bias, stride, padding, groups);
+  TORCH_CHECK(input.is_cpu(), kOp, " reference: `input` must be a CPU tensor");
+  TORCH_CHECK(vec >= 1 && splits >= 1, kOp, " reference: `vec` and `splits` must be >= 1");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_sizes(orig)), kOp, " reference: `grad_output` shape");
+  const Operands o = padded_geometry(orig, vec);
+  const ConvGeom& g = o.g;
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto acc_opts = input.options().dtype(acc);
+  const at::Tensor x = to_nhwc(input, g.groups, g.Cg);
+  const at::Tensor w = weight_krsc(weight, o);
+  const at::Tensor wt = weight_for_dgrad(w, g);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
+  at::Tensor y = at::empty({g.N, g.P, g.Q, g.K}, acc_opts);
+  at::Tensor dx = at::empty({g.N, g.H, g.W, g.C}, acc_opts);
+  at::Tensor dw = at::empty({g.K, g.R, g.S, g.Cg}, acc_opts);
+  gemm_reference_cpu(g, Pass::Forward, x, w, b, y, 1, 1);
+  at::Tensor dym = at::empty({g.N, g.P, g.Q, g.K}, input.options());
+  relu_grad_cpu(to_nhwc(grad_output, g.groups, g.Kg), y.to(input.scalar_type()), dym);
+  gemm_reference_cpu(g, Pass::Dgrad, dym, wt, at::Tensor(), dx, 1, 1);
+  gemm_reference_cpu(g, Pass::Wgrad, dym, x, at::Tensor(), dw, int(splits), kTileKBytes / int(input.element_size()));
+  const at::Tensor db = dym.to(acc).sum({0, 1, 2}).reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K});
+  return {unpad_nhwc(y, g.groups, g.Kg, orig.Kg).contiguous(), unpad_nhwc(dx, g.groups, g.Cg, orig.Cg).contiguous(),
+          unpad_krsc(dw, o).contiguous(), db};
+}
+
+#ifndef ALEXNET_EXT_WITH_CUDA
+[[noreturn]] void no_cuda_kernels() {
+  TORCH_CHECK(false, kOp, ": `input` is a CUDA tensor but alexnet_ext was built without CUDA "
+              "kernels (CPU-only PyTorch, no nvcc, or USE_CUDA=0); see `python -m alexnet_ext.info` and rebuild "
+              "with `pip install --no-build-isolation -e .` on a machine with CUDA");
+}
+at::Tensor forward_no_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                           at::IntArrayRef, int64_t) {
+  no_cuda_kernels();
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_no_cuda(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                                                at::IntArrayRef, int64_t, std::array<bool, 3>) {
+  no_cuda_kernels();
+}
+#endif
+
+}  // namespace
+}  // namespace conv
+}  // namespace alexnet_ext
+
+TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
+  m.def("conv2d_relu_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int groups) "
+        "-> Tensor");
+  m.def("conv2d_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, int[2] stride, "
+        "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
+        "int[2] padding, int groups, int vec, int splits) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(alexnet_ext, CPU, m) {
+  m.impl("conv2d_relu_forward", &alexnet_ext::conv::conv2d_relu_forward);
+  m.impl("conv2d_relu_backward", &alexnet_ext::conv::conv2d_relu_backward);
+  m.impl("_conv2d_relu_gemm_reference", &alexnet_ext::conv::conv2d_relu_gemm_reference);
+}
+
+TORCH_LIBRARY_IMPL(alexnet_ext, CUDA, m) {
+#ifdef ALEXNET_EXT_WITH_CUDA
+  m.impl("conv2d_relu_forward", &alexnet_ext::conv::conv2d_relu_forward);
+  m.impl("conv2d_relu_backward", &alexnet_ext::conv::conv2d_relu_backward);
+#else
+  m.impl("conv2d_relu_forward", &alexnet_ext::conv::forward_no_cuda);
+  m.impl("conv2d_relu_backward", &alexnet_ext::conv::backward_no_cuda);
+#endif
+}

@@ -1,0 +1,332 @@
+"""conv2d + bias + ReLU against F.relu(F.conv2d(...)) in float64.
+
+Tolerances are relative to the largest reference value of each tensor
+(outputs and gradients are sums of many products, so an absolute error
+only means something next to their scale), chosen from the precision:
+  float64            1e-10
+  float32 exact      2e-5   (CPU, and CUDA FFMA with TF32 off)
+  float32 TF32       1e-2   (CUDA tensor cores round operands to 10 mantissa
+                             bits: 2^-11 = 4.9e-4 relative per operand)
+  float16            1e-2   (operands exact, float32 accumulation; the output
+                             and every gradient round once to 2^-11)
+  bfloat16           4e-2   (one rounding to 8 bits: 2^-8 = 3.9e-3)
+with headroom for the ratio of a sum's rounding error to its largest value.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alexnet_ext
+from alexnet_ext.functional import conv2d_relu
+from op_testing import DEVICES, DTYPES, HAS_CUDA, random_input, requires_cuda
+
+_ops = torch.ops.alexnet_ext
+
+REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+TF32_REL_TOL = 1e-2
+
+
+def rel_tol(dtype, device):
+    if dtype == torch.float32 and device == "cuda" and torch.backends.cudnn.allow_tf32:
+        return TF32_REL_TOL
+    return REL_TOL[dtype]
+
+
+def assert_close_rel(got, want, tol, what):
+    got = got.detach().double().cpu()
+    assert got.shape == want.shape, what
+    scale = max(want.abs().max().item(), 1e-12)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+# AlexNet's five conv layers at batch 2 with their real channel counts,
+# kernels, strides and paddings; conv1's input reduced from 224 to 47.
+# (N, C, H, W, K, R, S, stride, padding, groups)
+ALEXNET = {
+    "conv1": (2, 3, 47, 47, 96, 11, 11, 4, 2, 1),
+    "conv2": (2, 96, 13, 13, 256, 5, 5, 1, 2, 2),
+    "conv3": (2, 256, 7, 7, 384, 3, 3, 1, 1, 1),
+    "conv4": (2, 384, 7, 7, 384, 3, 3, 1, 1, 2),
+    "conv5": (2, 384, 7, 7, 256, 3, 3, 1, 1, 2),
+}
+
+# Odd sizes, every stride 1..4 and padding 0..2, groups 1 and 2, channel
+# counts that are not multiples of the CUDA vector width, non-square kernels.
+ODD = [
+    (1, 5, 9, 7, 7, 3, 3, 1, 0, 1),
+    (2, 6, 11, 10, 4, 3, 2, 2, 1, 2),
+    (3, 4, 12, 9, 6, 5, 5, 3, 2, 2),
+    (1, 3, 13, 15, 5, 4, 3, 4, 1, 1),
+    (2, 10, 5, 6, 14, 1, 1, 1, 0, 2),
+    (1, 7, 8, 8, 9, 3, 5, (2, 1), (1, 2), 1),
+]
+
+
+def make_case(case, dtype, device, layout, bias=True, requires_grad=True):
+    n, c, h, w, k, r, s, stride, padding, groups = case
+    # Weights scaled by 1/sqrt(fan_in) so outputs are O(1), as in a trained net.
+    x = random_input((n, c, h, w), dtype, device, layout, requires_grad=requires_grad)
+    wt = random_input((k, c // groups, r, s), dtype, device, scale=(c // groups * r * s) ** -0.5,
+                      requires_grad=requires_grad)
+    b = random_input((k,), dtype, device, scale=0.5, requires_grad=requires_grad) if bias else None
+    return x, wt, b, dict(stride=stride, padding=padding, groups=groups)
+
+
+def reference(x, w, b, kw):
+    cast = lambda t: None if t is None else t.detach().double().cpu().requires_grad_(t.requires_grad)
+    rx, rw, rb = cast(x), cast(w), cast(b)
+    return rx, rw, rb, F.relu(F.conv2d(rx, rw, rb, **kw))
+
+
+def check_case(case, dtype, device, layout, bias=True):
+    x, w, b, kw = make_case(case, dtype, device, layout, bias)
+    y = conv2d_relu(x, w, b, **kw)
+    rx, rw, rb, ry = reference(x, w, b, kw)
+    tol = rel_tol(dtype, device)
+    assert y.dtype == dtype and y.device == x.device
+    assert_close_rel(y, ry, tol, "output")
+    upstream = torch.randn(ry.shape, dtype=torch.float64).to(dtype)
+    inputs = [t for t in (x, w, b) if t is not None]
+    ref_inputs = [t for t in (rx, rw, rb) if t is not None]
+    got = torch.autograd.grad(y, inputs, upstream.to(device))
+    # Where the exact pre-activation is within rounding of 0, the two ReLU
+    # masks may legitimately differ; below float64 the reference gradient
+    # therefore uses our output's mask (the mask itself is checked exactly
+    # in float64 and by test_nan_propagates_...).
+    mask = ry > 0 if dtype == torch.float64 else ~(y.detach().double().cpu() <= 0)
+    z = F.conv2d(rx, rw, rb, **kw)
+    want = torch.autograd.grad(z, ref_inputs, upstream.double() * mask)
+    for name, g, r, t in zip(("grad input", "grad weight", "grad bias"), got, want, inputs):
+        assert g.shape == t.shape and g.dtype == dtype
+        assert_close_rel(g, r, tol, name)
+    return y
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layer", list(ALEXNET))
+def test_alexnet_layers(device, dtype, layout, layer):
+    check_case(ALEXNET[layer], dtype, device, layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", ODD, ids=lambda c: "x".join(map(str, c[:4])))
+def test_odd_shapes_strides_paddings(device, dtype, layout, bias, case):
+    check_case(case, dtype, device, layout, bias)
+
+
+@pytest.mark.parametrize("case", ODD + [(1, 3, 27, 27, 96, 11, 11, 4, 2, 1)], ids=lambda c: "x".join(map(str, c[:4])))
+@pytest.mark.parametrize("vec", [1, 2, 8])
+def test_implicit_gemm_index_math_matches_torch(case, vec):
+    """The GEMMs of csrc/conv/conv_math.h (the CUDA kernels' index math),
+    run by CPU loops on the operands the CUDA wrapper prepares (NHWC, KRSC,
+    channels padded to `vec`), with 3-way split-K wgrad: forward, dgrad,
+    wgrad and bias grad against torch."""
+    x, w, b, kw = make_case(case, torch.float64, "cpu", "contiguous", requires_grad=False)
+    stride = kw["stride"] if isinstance(kw["stride"], tuple) else (kw["stride"],) * 2
+    padding = kw["padding"] if isinstance(kw["padding"], tuple) else (kw["padding"],) * 2
+    rx, rw, rb, ry = reference(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), kw)
+    upstream = torch.randn(ry.shape, dtype=torch.float64)
+    want = torch.autograd.grad(ry, (rx, rw, rb), upstream)
+    got = _ops._conv2d_relu_gemm_reference(x.detach(), w.detach(), b.detach(), upstream, list(stride),
+                                           list(padding), kw["groups"], vec, 3)
+    for name, g, r in zip(("output", "grad input", "grad weight", "grad bias"), got, (ry,) + want):
+        assert_close_rel(g, r.detach(), 1e-10, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    for case in [(1, 4, 5, 6, 4, 3, 3, 2, 1, 2), (2, 3, 4, 4, 2, 2, 3, 1, 0, 1)]:
+        x, w, b, kw = make_case(case, torch.float64, device, "contiguous")
+        assert torch.autograd.gradcheck(lambda *t: conv2d_relu(*t, **kw), (x, w, b))
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, u: conv2d_relu(t, u, None, **kw), (xl, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, layout, requires_grad):
+    x, w, b, _ = make_case((2, 4, 7, 6, 6, 3, 3, 2, 1, 2), torch.float32, device, layout, requires_grad=requires_grad)
+    args = ([2, 2], [1, 1], 2)
+    torch.library.opcheck(_ops.conv2d_relu_forward.default, (x, w, b) + args)
+    torch.library.opcheck(_ops.conv2d_relu_forward.default, (x, w, None) + args)
+    y = _ops.conv2d_relu_forward(x.detach(), w.detach(), b.detach(), *args)
+    dy = torch.randn_like(y)
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(_ops.conv2d_relu_backward.default, (dy, x.detach(), w.detach(), y) + args + (mask,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(alexnet_ext.nn.Conv2dReLU(3, 8, 3, stride=2, padding=1),
+                                alexnet_ext.nn.Conv2dReLU(8, 6, 3, padding=1, groups=2)).to(device).double()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, device=device, requires_grad=True)
+    eager_out, compiled_out = model(x), compiled(x)
+    torch.testing.assert_close(compiled_out, eager_out)
+    g = torch.randn_like(eager_out)
+    params = [x] + list(model.parameters())
+    for a, e in zip(torch.autograd.grad(compiled_out, params, g), torch.autograd.grad(eager_out, params, g)):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_in_the_autocast_dtype_like_conv2d(device):
+    dtype = torch.bfloat16
+    x, w, b, kw = make_case((2, 6, 8, 8, 8, 3, 3, 1, 1, 2), torch.float32, device, "contiguous")
+    with torch.autocast(device, dtype=dtype):
+        y = conv2d_relu(x, w, b, **kw)
+        want = F.relu(F.conv2d(x, w, b, **kw))
+    assert want.dtype == dtype and y.dtype == dtype
+    # Same bf16-rounded operands: the results differ only by accumulation order and the output rounding.
+    assert_close_rel(y, want.detach().double().cpu(), REL_TOL[dtype], "output")
+    gx, gw, gb = torch.autograd.grad(y.float().sum(), (x, w, b))
+    assert gx.dtype == gw.dtype == gb.dtype == torch.float32
+    rx, rw, rb = torch.autograd.grad(want.float().sum(), (x, w, b))
+    for name, g, r in (("grad input", gx, rx), ("grad weight", gw, rw), ("grad bias", gb, rb)):
+        assert_close_rel(g, r.double().cpu(), REL_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_and_relu_gradient_matches_threshold_backward(device):
+    x, w, b, kw = make_case((1, 2, 5, 5, 3, 3, 3, 1, 1, 1), torch.float64, device, "contiguous")
+    with torch.no_grad():
+        x[0, 1, 2, 2] = float("nan")
+    y = conv2d_relu(x, w, b, **kw)
+    rx, rw, rb, ry = reference(x, w, b, kw)
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(ry)) and torch.isnan(ry).any()
+    dy = torch.randn_like(ry)
+    got = torch.autograd.grad(y, (x, w, b), dy.to(device))
+    want = torch.autograd.grad(ry, (rx, rw, rb), dy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.cpu(), r, equal_nan=True)
+    # The mask itself: zero gradient exactly where y <= 0, NaN dy passes where y > 0.
+    yy = torch.tensor([[[[-1.0, 0.0, 2.0, float("nan")]]]], dtype=torch.float64)
+    gy = torch.tensor([[[[5.0, 5.0, float("nan"), 7.0]]]], dtype=torch.float64)
+    xx = torch.zeros(1, 1, 1, 4, dtype=torch.float64)
+    ww = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    dx, _, _ = _ops.conv2d_relu_backward(gy.to(device), xx.to(device), ww.to(device), yy.to(device), [1, 1], [0, 0],
+                                         1, [True, False, False])
+    torch.testing.assert_close(dx.cpu(), torch.ops.aten.threshold_backward(gy, yy, 0.0), equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_output_memory_format_follows_input(device, layout):
+    x, w, b, kw = make_case((2, 4, 6, 6, 6, 3, 3, 1, 1, 1), torch.float32, device, layout)
+    y = conv2d_relu(x, w, b, **kw)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert gx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x, w, b, kw = make_case((0, 4, 6, 6, 6, 3, 3, 1, 1, 2), torch.float32, device, "contiguous")
+    y = conv2d_relu(x, w, b, **kw)
+    assert y.shape == (0, 6, 6, 6)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_padding_strings():
+    x, w, b, _ = make_case((1, 2, 6, 7, 3, 3, 5, 1, 0, 1), torch.float64, "cpu", "contiguous")
+    for padding in ("same", "valid"):
+        torch.testing.assert_close(conv2d_relu(x, w, b, padding=padding), F.relu(F.conv2d(x, w, b, padding=padding)))
+    with pytest.raises(ValueError, match="`padding`"):
+        conv2d_relu(x, w, b, stride=2, padding="same")
+
+
+def test_bad_arguments_name_the_argument():
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3), torch.randn(6)
+    with pytest.raises(ValueError, match="`input`"):
+        conv2d_relu(torch.randn(4, 6, 6), w)
+    with pytest.raises(ValueError, match="`weight`"):
+        conv2d_relu(x, torch.randn(6, 4, 3))
+    with pytest.raises(ValueError, match="`dilation`"):
+        conv2d_relu(x, w, b, groups=2, dilation=2)
+    with pytest.raises(ValueError, match="`groups`"):
+        conv2d_relu(x, w, b, groups=0)
+    with pytest.raises(ValueError, match="`stride`"):
+        conv2d_relu(x, w, b, stride=(1, 2, 3), groups=2)
+    with pytest.raises(TypeError, match="`bias`"):
+        conv2d_relu(x, w, [1.0] * 6, groups=2)
+    # The operator checks too, for callers that bypass the Python API.
+    op = _ops.conv2d_relu_forward
+    with pytest.raises(RuntimeError, match="`weight`.*`groups`.*`input` has 4"):
+        op(x, w, b, [1, 1], [0, 0], 1)  # weight expects 2 channels per group
+    with pytest.raises(RuntimeError, match="`input` has 4 channels, not divisible by `groups`"):
+        op(x, torch.randn(6, 1, 3, 3), b, [1, 1], [0, 0], 3)
+    with pytest.raises(RuntimeError, match="`bias`"):
+        op(x, w, torch.randn(5), [1, 1], [0, 0], 2)
+    with pytest.raises(RuntimeError, match="`stride`"):
+        op(x, w, b, [0, 1], [0, 0], 2)
+    with pytest.raises(RuntimeError, match="`padding`"):
+        op(x, w, b, [1, 1], [-1, 0], 2)
+    with pytest.raises(RuntimeError, match="`weight` has dtype"):
+        op(x, w.double(), b, [1, 1], [0, 0], 2)
+    with pytest.raises(RuntimeError, match="`bias` has dtype"):
+        op(x, w, b.half(), [1, 1], [0, 0], 2)
+    with pytest.raises(RuntimeError, match="`input`"):
+        op(x.int(), w, b, [1, 1], [0, 0], 2)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        op(torch.randn(1, 4, 2, 2), w, b, [1, 1], [0, 0], 2)
+    y = op(x, w, b, [1, 1], [0, 0], 2)
+    with pytest.raises(RuntimeError, match="`grad_output`"):
+        _ops.conv2d_relu_backward(y[:, :3], x, w, y, [1, 1], [0, 0], 2, [True, True, True])
+    if HAS_CUDA:
+        with pytest.raises(RuntimeError, match="`weight` is on"):
+            op(x, w.cuda(), b, [1, 1], [0, 0], 2)
+
+
+def test_module_is_a_drop_in_for_conv2d():
+    ours = alexnet_ext.nn.Conv2dReLU(4, 6, 3, stride=2, padding=1, groups=2)
+    theirs = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    assert isinstance(ours, torch.nn.Conv2d)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(ours(x), F.relu(theirs(x)))
+    assert alexnet_ext.nn.Conv2dReLU(4, 6, 3, bias=False).bias is None
+    with pytest.raises(ValueError, match="`dilation`"):
+        alexnet_ext.nn.Conv2dReLU(4, 6, 3, dilation=2)
+    with pytest.raises(ValueError, match="`padding_mode`"):
+        alexnet_ext.nn.Conv2dReLU(4, 6, 3, padding_mode="reflect")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", list(ALEXNET))
+def test_cuda_float32_exact_path_when_tf32_is_off(dtype, layer):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        check_case(ALEXNET[layer], dtype, "cuda", "channels_last")
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_clean(tool):
+    script = os.path.join(os.path.dirname(__file__), "cuda_sanitizer_conv.py")
+    proc = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", sys.executable, script],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr
