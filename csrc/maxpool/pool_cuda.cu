@@ -222,20 +222,21 @@ void launch_backward(const T* dy, const OffT* argmax, T* dx, const PoolGeometry&
 LaunchStatus max_pool2d_forward_cuda(DType dtype, bool wide_offsets, const void* x, void* y, void* argmax,
                                      const PoolGeometry& g, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     if (wide_offsets) {
       launch_forward<T, int32_t>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<int32_t*>(argmax), g, s);
     } else {
       launch_forward<T, uint8_t>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<uint8_t*>(argmax), g, s);
     }
+    return cudaGetLastError();
   });
 }
 
 LaunchStatus max_pool2d_backward_cuda(DType dtype, bool wide_offsets, const void* dy, const void* argmax, void* dx,
                                       const PoolGeometry& g, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     if (wide_offsets) {
       launch_backward<T, int32_t>(static_cast<const T*>(dy), static_cast<const int32_t*>(argmax), static_cast<T*>(dx),
@@ -244,6 +245,7 @@ LaunchStatus max_pool2d_backward_cuda(DType dtype, bool wide_offsets, const void
       launch_backward<T, uint8_t>(static_cast<const T*>(dy), static_cast<const uint8_t*>(argmax), static_cast<T*>(dx),
                                   g, s);
     }
+    return cudaGetLastError();
   });
 }
 
