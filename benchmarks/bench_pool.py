@@ -47,31 +47,16 @@ def inference(fn):
     return run
 
 
-def fwd_bwd(fn):
-    def run(x, dy):
-        return torch.autograd.grad(fn(x), x, dy)[0]
-    return run
-
-
-def load_cudnn_pool():
-    """cuDNN's max pooling bound to tensors, or (None, why)."""
-    try:
-        from baselines import load_cudnn_pool as load
-    except ImportError:
-        return None, "no cuDNN pooling binding in benchmarks/baselines"
-    return load()
-
-
 def implementations(device, cudnn):
     """name -> (forward, forward+backward, layout) for the baselines the machine has."""
     impls = {}
     for layout in ("nchw", "channels_last"):
-        impls[f"ours {layout}"] = (inference(ours), fwd_bwd(ours), layout)
-        impls[f"torch eager {layout}"] = (inference(eager), fwd_bwd(eager), layout)
+        impls[f"ours {layout}"] = (inference(ours), harness.fwd_bwd(ours), layout)
+        impls[f"torch eager {layout}"] = (inference(eager), harness.fwd_bwd(eager), layout)
     if device == "cuda":
         for layout in ("nchw", "channels_last"):
             compiled = torch.compile(eager, dynamic=False)
-            impls[f"torch.compile {layout}"] = (inference(compiled), fwd_bwd(compiled), layout)
+            impls[f"torch.compile {layout}"] = (inference(compiled), harness.fwd_bwd(compiled), layout)
         if cudnn is not None:
             def cudnn_fwd(x, _dy):
                 return cudnn.forward(x, 3, 2)
@@ -79,7 +64,8 @@ def implementations(device, cudnn):
             def cudnn_fb(x, dy):
                 y = cudnn.forward(x, 3, 2)
                 return cudnn.backward(y, dy, x, 3, 2)
-            impls["cudnn nchw"] = (cudnn_fwd, cudnn_fb, "nchw")
+            for layout in ("nchw", "channels_last"):
+                impls[f"cudnn {layout}"] = (cudnn_fwd, cudnn_fb, layout)
     return impls
 
 
@@ -98,18 +84,6 @@ def saved_bytes_per_output(fn, x):
     return sum(t.numel() * t.element_size() for t in own) / y.numel()
 
 
-def make_sets(n, shape, dtype, device, layout, count):
-    sets = []
-    out_shape = (n, shape[0], (shape[1] - 3) // 2 + 1, (shape[2] - 3) // 2 + 1)
-    for _ in range(count):
-        x = torch.randn((n, *shape), device=device, dtype=dtype)
-        dy = torch.randn(out_shape, device=device, dtype=dtype)
-        if layout == "channels_last":
-            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-        sets.append((x.requires_grad_(), dy))
-    return sets
-
-
 def main(argv=None):
     args = harness.parse_args(__doc__, argv)
     device = args.device
@@ -117,6 +91,7 @@ def main(argv=None):
     cudnn, why = None, "no GPU"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
+        from baselines import load_cudnn_pool
         cudnn, why = load_cudnn_pool()
         if cudnn is None:
             report.note(f"cuDNN rows skipped: {why}")
@@ -132,13 +107,15 @@ def main(argv=None):
         for dtype in dtypes:
             elem = torch.finfo(dtype).bits // 8
             numel_in = n * shape[0] * shape[1] * shape[2]
-            numel_out = n * shape[0] * ((shape[1] - 3) // 2 + 1) * ((shape[2] - 3) // 2 + 1)
+            out_shape = (n, shape[0], (shape[1] - 3) // 2 + 1, (shape[2] - 3) // 2 + 1)
+            numel_out = out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3]
             modes = (("fwd", (numel_in + numel_out) * elem, 0),
                      ("fwd+bwd", 2 * (numel_in + numel_out) * elem + 2 * numel_out, 1))
             times = {}
             for name, fns in implementations(device, cudnn).items():
                 layout = fns[2]
-                sets = make_sets(n, shape, dtype, device, layout, harness.rotation(3 * numel_in * elem, device))
+                sets = harness.make_sets(harness.rotation(3 * numel_in * elem, device), (n, *shape), out_shape,
+                                         dtype, device, layout)
                 saved = ""
                 if not name.startswith(("cudnn", "torch.compile")):
                     saved = saved_bytes_per_output(ours if name.startswith("ours") else eager, sets[0][0])
@@ -154,15 +131,10 @@ def main(argv=None):
                     report.add(shape=shape_name, dtype=str(dtype).replace("torch.", ""), mode=mode, impl=name,
                                case=f"{shape_name.split()[0]} {str(dtype).replace('torch.', '')} {mode}", ms=ms, ms_p10=p10, ms_p90=p90, gbs=gbs, frac_copy_bw=gbs / copy_gbs,
                                saved_bytes_per_out=saved if mode == "fwd+bwd" else "")
+            harness.add_speedups(report, times, shape=shape_name, dtype=str(dtype).replace("torch.", ""))
             for (name, mode), ms in times.items():
-                if not name.startswith("ours"):
-                    continue
                 layout = name.split()[-1]
-                for (base, bmode), bms in times.items():
-                    if bmode == mode and not base.startswith("ours"):
-                        report.add(shape=shape_name, dtype=str(dtype).replace("torch.", ""), mode=mode,
-                                   impl=f"speedup {layout} vs {base}", speedup=bms / ms)
-                if device == "cpu" and (f"torch eager {layout}", mode) in times:
+                if device == "cpu" and name.startswith("ours") and (f"torch eager {layout}", mode) in times:
                     ratio = times[(f"torch eager {layout}", mode)] / ms
                     cpu_verdicts.append(f"{shape_name} {layout} {mode}: {ratio:.2f}x"
                                         f" ({'meets' if ratio >= CPU_TARGET else 'BELOW'} {CPU_TARGET}x)")
