@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) forward_per_output(const T* __restri
       const IndexT plane = t / g.out_h;
       const T* xp = x + plane * g.in_h * g.in_w;
       const int in_w = g.in_w;
-      const auto load = [xp, in_w](int ih, int iw) { return to_acc<T>(xp[ih * in_w + iw]); };
+      const auto load = [xp, in_w](int ih, int iw) { return to_acc<T>(xp[static_cast<IndexT>(ih) * in_w + iw]); };
       m = window_max<acc>(oh, ow, win.kh, win.kw, win.sh, win.sw, g.ph, g.pw, g.in_h, g.in_w, load, &off);
     }
     y[i] = from_acc<T>(m);
@@ -149,8 +149,9 @@ __global__ void __launch_bounds__(kThreads) backward_gather(const T* __restrict_
       const OffT* ap = argmax + base;
       const T* gp = dy + base;
       const int out_w = g.out_w;
-      const auto arg = [ap, out_w](int oh, int ow) { return ap[oh * out_w + ow]; };
-      const auto grad = [gp, out_w](int oh, int ow) { return to_acc<T>(gp[oh * out_w + ow]); };
+      const auto at = [out_w](int oh, int ow) { return static_cast<IndexT>(oh) * out_w + ow; };
+      const auto arg = [ap, &at](int oh, int ow) { return ap[at(oh, ow)]; };
+      const auto grad = [gp, &at](int oh, int ow) { return to_acc<T>(gp[at(oh, ow)]); };
       sum = gather_grad<acc>(h, w, g, arg, grad);
     }
     dx[i] = from_acc<T>(sum);
