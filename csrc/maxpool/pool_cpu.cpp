@@ -2,8 +2,10 @@
 // (image, row) for channels_last. All window arithmetic comes from
 // pool_math.h, the same functions the CUDA kernels call.
 //
-// General windows use the CUDA kernels' own algorithms (window_max per
-// output, gather_grad per input element), so the CPU tests exercise them.
+// General windows use the CUDA kernels' own algorithms, so the CPU tests
+// exercise them: window_max per output (NCHW forward) and gather_grad per
+// input element (backward, both layouts). channels_last forward walks the
+// window with the channel loop innermost (contiguous, vectorised loads).
 // AlexNet's 3x3 / stride 2 window gets two CPU-specific fast paths:
 //   - NCHW forward is separable: a max over 3 columns for every input row,
 //     then over 3 of those rows per output row. Both passes are branch-free
