@@ -32,22 +32,16 @@ def eager(x):
     return F.local_response_norm(x, **HP)
 
 
-def fwd_bwd(fn):
-    def run(x, dy):
-        return torch.autograd.grad(fn(x), x, dy)[0]
-    return run
-
-
 def implementations(device, dtype, cudnn):
     """name -> (forward(x), forward+backward(x, dy), layout), the baselines
     the machine has."""
     impls = {}
     for layout in ("nchw", "channels_last"):
-        impls[f"ours {layout}"] = (ours, fwd_bwd(ours), layout)
-        impls[f"torch eager {layout}"] = (eager, fwd_bwd(eager), layout)
+        impls[f"ours {layout}"] = (ours, harness.fwd_bwd(ours), layout)
+        impls[f"torch eager {layout}"] = (eager, harness.fwd_bwd(eager), layout)
     if device == "cuda":
         compiled = torch.compile(eager, dynamic=False)
-        impls["torch.compile nchw"] = (compiled, fwd_bwd(compiled), "nchw")
+        impls["torch.compile nchw"] = (compiled, harness.fwd_bwd(compiled), "nchw")
         if cudnn is not None:
             def cudnn_fwd(x):
                 return cudnn.forward(x, HP["size"], HP["alpha"], HP["beta"], HP["k"])
@@ -57,17 +51,6 @@ def implementations(device, dtype, cudnn):
                 return cudnn.backward(y, dy, x, HP["size"], HP["alpha"], HP["beta"], HP["k"])
             impls["cudnn nchw"] = (cudnn_fwd, cudnn_fb, "nchw")
     return impls
-
-
-def make_sets(n, shape, dtype, device, layout, count):
-    sets = []
-    for _ in range(count):
-        x = torch.randn((n, *shape), device=device, dtype=dtype)
-        dy = torch.randn_like(x)
-        if layout == "channels_last":
-            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-        sets.append((x.requires_grad_(), dy))
-    return sets
 
 
 def main(argv=None):
@@ -95,7 +78,8 @@ def main(argv=None):
             impls = implementations(device, dtype, cudnn)
             times = {}
             for name, (fwd, fb, layout) in impls.items():
-                sets = make_sets(n, shape, dtype, device, layout, harness.rotation(3 * numel * elem, device))
+                sets = harness.make_sets(harness.rotation(3 * numel * elem, device), (n, *shape), (n, *shape),
+                                         dtype, device, layout)
                 for mode, fn, nbytes in (("fwd", lambda i: fwd(sets[i][0]), 2 * numel * elem),
                                          ("fwd+bwd", lambda i: fb(*sets[i]), 5 * numel * elem)):
                     try:
@@ -107,14 +91,7 @@ def main(argv=None):
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     report.add(shape=shape_name, dtype=str(dtype).replace("torch.", ""), mode=mode, impl=name,
                                ms=ms, ms_p10=p10, ms_p90=p90, gbs=gbs, frac_copy_bw=gbs / copy_gbs)
-            for (name, mode), ms in times.items():
-                if not name.startswith("ours"):
-                    continue
-                layout = name.split()[-1]
-                for (base, bmode), bms in times.items():
-                    if bmode == mode and not base.startswith("ours"):
-                        report.add(shape=shape_name, dtype=str(dtype).replace("torch.", ""), mode=mode,
-                                   impl=f"speedup {layout} vs {base}", speedup=bms / ms)
+            harness.add_speedups(report, times, shape=shape_name, dtype=str(dtype).replace("torch.", ""))
     report.write(plot=("shape", "frac_copy_bw", "impl") if device == "cuda" else ("mode", "ms", "impl"))
 
 

@@ -185,6 +185,39 @@ class Report:
         plt.close(fig)
 
 
+def make_sets(count, x_shape, dy_shape, dtype, device, layout):
+    """`count` fresh (x requiring grad, dy) pairs, channels_last when
+    `layout` says so: inputs to rotate among (see rotation())."""
+    sets = []
+    for _ in range(count):
+        x = torch.randn(x_shape, device=device, dtype=dtype)
+        dy = torch.randn(dy_shape, device=device, dtype=dtype)
+        if layout == "channels_last":
+            x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+        sets.append((x.requires_grad_(), dy))
+    return sets
+
+
+def fwd_bwd(fn):
+    """Forward+backward of `fn` as one callable (x, dy) -> dx, for timing."""
+    def run(x, dy):
+        return torch.autograd.grad(fn(x), x, dy)[0]
+    return run
+
+
+def add_speedups(report, times, **columns):
+    """Adds a row "speedup <layout> vs <baseline>" for every "ours <layout>"
+    implementation against every other one timed in the same mode;
+    `times[(impl, mode)]` is milliseconds, `columns` lead each row."""
+    for (name, mode), ms in times.items():
+        if not name.startswith("ours"):
+            continue
+        layout = name.split()[-1]
+        for (base, base_mode), base_ms in times.items():
+            if base_mode == mode and not base.startswith("ours"):
+                report.add(**columns, mode=mode, impl=f"speedup {layout} vs {base}", speedup=base_ms / ms)
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"

@@ -21,7 +21,26 @@ def lrn_case():
     torch.cuda.synchronize()
 
 
-CASES = {"lrn": lrn_case}
+def pool_case():
+    # Forward without and with argmax, then backward: the staged-plane 3x3/s2
+    # path (floor and ceil_mode), the per-output path with padding, and a
+    # window large enough for int32 offsets.
+    windows = [((2, 5, 27, 27), 3, 2, 0, False), ((2, 5, 27, 27), 3, 2, 0, True),
+               ((2, 3, 11, 13), 3, 2, 1, True), ((1, 2, 21, 20), 17, 2, 8, False)]
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        for channels_last in (False, True):
+            for shape, k, s, p, ceil_mode in windows:
+                x = torch.randn(shape, device="cuda", dtype=dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                alexnet_ext.functional.max_pool2d(x, k, s, p, ceil_mode)
+                x.requires_grad_()
+                y = alexnet_ext.functional.max_pool2d(x, k, s, p, ceil_mode)
+                y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+
+
+CASES = {"lrn": lrn_case, "pool": pool_case}
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--list"]:

@@ -107,38 +107,46 @@ def test_large_window_uses_int32_offsets(device, layout):
     assert argmax.dtype == torch.int32
 
 
-def saved_tensors_of(fn, x):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(x)
-    return y, saved
-
-
 @pytest.mark.parametrize("kernel_size,offset_dtype", [(3, torch.uint8), (16, torch.uint8), (17, torch.int32)])
 def test_backward_saves_only_the_window_offsets(kernel_size, offset_dtype):
     x = torch.randn(2, 3, 40, 40, requires_grad=True)
-    y, saved = saved_tensors_of(lambda t: max_pool2d(t, kernel_size, 2), x)
+    y = max_pool2d(x, kernel_size, 2)
+    saved = y.grad_fn.saved_tensors
     assert [(t.dtype, t.shape) for t in saved] == [(offset_dtype, y.shape)]
-    # 8x less than PyTorch's int64 indices for AlexNet's window.
-    _, theirs = saved_tensors_of(lambda t: F.max_pool2d(t, 3, 2), x)
-    if kernel_size == 3:
-        assert sum(t.nbytes for t in theirs if t.dtype == torch.int64) == 8 * saved[0].nbytes
+    if kernel_size == 3:  # 8x less than PyTorch's int64 indices for AlexNet's window
+        theirs = F.max_pool2d(x, 3, 2).grad_fn._saved_result1  # the int64 indices
+        assert theirs.dtype == torch.int64 and theirs.nbytes == 8 * saved[0].nbytes
+
+
+class RecordingOps:
+    """Stands in for torch.ops.alexnet_ext and records each call's arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.alexnet_ext, name)
+
+        def call(*args):
+            self.calls.append((name, args))
+            return op(*args)
+        return call
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_argmax_written_without_grad(device):
+def test_argmax_written_only_when_needed(device, monkeypatch):
+    ops = RecordingOps()
+    monkeypatch.setattr(alexnet_ext.functional, "_ops", ops)
     x = torch.randn(2, 3, 9, 9, device=device)
+    xg = x.clone().requires_grad_()
+    max_pool2d(x, 3, 2)
+    with torch.no_grad():
+        max_pool2d(xg, 3, 2)
+    max_pool2d(x, 3, 2, return_indices=True)
+    max_pool2d(xg, 3, 2)
+    assert [args[-1] for name, args in ops.calls] == [False, False, True, True]
     _, argmax = torch.ops.alexnet_ext.max_pool2d_forward(x, [3, 3], [2, 2], [0, 0], False, False)
     assert argmax.numel() == 0
-    xg = x.clone().requires_grad_()
-    with torch.no_grad():
-        _, saved = saved_tensors_of(lambda t: max_pool2d(t, 3, 2), xg)
-    assert saved == []
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -342,8 +350,8 @@ def test_cuda_no_grad_forward_matches_cpu():
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool):
-    script = os.path.join(os.path.dirname(__file__), "cuda_sanitizer_pool.py")
-    proc = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", sys.executable, script],
+    script = os.path.join(os.path.dirname(__file__), "sanitizer_cases.py")
+    proc = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", sys.executable, script, "pool"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr

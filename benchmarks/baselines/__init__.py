@@ -23,18 +23,28 @@ def cudnn_paths():
     return None
 
 
-def load_cudnn_lrn():
-    """The cuDNN LRN binding, or (None, reason) when it cannot be built."""
+def _load_cudnn_binding(what, source):
+    """Builds one of the cuDNN bindings here, or (None, reason)."""
     paths = cudnn_paths()
     if paths is None:
         return None, "cuDNN headers not found (pip's nvidia-cudnn wheel, CUDNN_HOME or CUDA_HOME)"
     include, lib = paths
     from torch.utils.cpp_extension import load
     try:
-        mod = load(name="alexnet_ext_bench_cudnn_lrn",
-                   sources=[os.path.join(os.path.dirname(__file__), "cudnn_lrn.cpp")],
+        mod = load(name=f"alexnet_ext_bench_cudnn_{what}",
+                   sources=[os.path.join(os.path.dirname(__file__), source)],
                    extra_include_paths=[include], extra_ldflags=[lib], with_cuda=True, verbose=False)
     except Exception as err:  # a baseline that does not build is reported, not fatal
-        print(f"cuDNN LRN baseline failed to build: {err}", file=sys.stderr)
-        return None, f"cuDNN LRN baseline failed to build ({type(err).__name__})"
+        print(f"cuDNN {what} baseline failed to build: {err}", file=sys.stderr)
+        return None, f"cuDNN {what} baseline failed to build ({type(err).__name__})"
     return mod, ""
+
+
+def load_cudnn_lrn():
+    """The cuDNN LRN binding, or (None, reason) when it cannot be built."""
+    return _load_cudnn_binding("lrn", "cudnn_lrn.cpp")
+
+
+def load_cudnn_pool():
+    """The cuDNN max-pooling binding, or (None, reason) when it cannot be built."""
+    return _load_cudnn_binding("pool", "cudnn_pool.cpp")

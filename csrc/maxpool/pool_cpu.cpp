@@ -1,10 +1,28 @@
 // Max-pool on the CPU, parallel over planes (N x C) for NCHW and over
 // (image, row) for channels_last. All window arithmetic comes from
 // pool_math.h, the same functions the CUDA kernels call.
+//
+// General windows use the CUDA kernels' own algorithms, so the CPU tests
+// exercise them: window_max per output (NCHW forward) and gather_grad per
+// input element (backward, both layouts). channels_last forward walks the
+// window with the channel loop innermost (contiguous, vectorised loads).
+// AlexNet's 3x3 / stride 2 window gets two CPU-specific fast paths:
+//   - NCHW forward is separable: a max over 3 columns for every input row,
+//     then over 3 of those rows per output row. Both passes are branch-free
+//     selects over contiguous arrays, which the compiler vectorises
+//     (PyTorch's NCHW kernel branches on every element). Row-then-column
+//     order keeps the row-major "first maximum / last NaN wins" rule: the
+//     running-maximum rule is associative over concatenated runs.
+//   - backward scatters each output's gradient to its argmax inside a
+//     zeroed plane (or image) that stays in cache, in output order: exactly
+//     PyTorch's summation order, at one add per output instead of a search
+//     of every covering window per input element.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "maxpool/pool_cpu.h"
@@ -19,15 +37,10 @@ constexpr int64_t kGrainElements = 16384;
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item)); }
 
-// NCHW: one plane at a time. kAlexNet fixes AlexNet's 3x3 / stride 2 /
-// padding 0 window at compile time so the compiler unrolls the window scan;
-// the arithmetic is the same function either way.
-template <typename scalar_t, typename off_t, bool kAlexNet, bool kSaveArgmax>
+// NCHW, any window: one plane at a time, window_max() per output.
+template <typename scalar_t, typename off_t, bool kSaveArgmax>
 void forward_nchw(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeometry& g) {
   using acc = at::opmath_type<scalar_t>;
-  const int kh = kAlexNet ? 3 : g.kh, kw = kAlexNet ? 3 : g.kw;
-  const int sh = kAlexNet ? 2 : g.sh, sw = kAlexNet ? 2 : g.sw;
-  const int ph = kAlexNet ? 0 : g.ph, pw = kAlexNet ? 0 : g.pw;
   const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
   at::parallel_for(0, g.planes, grain(in_plane), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -39,13 +52,65 @@ void forward_nchw(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeome
       for (int oh = 0; oh < g.out_h; ++oh) {
         for (int ow = 0; ow < g.out_w; ++ow) {
           int off;
-          const acc m = window_max<acc>(oh, ow, kh, kw, sh, sw, ph, pw, g.in_h, g.in_w, load, &off);
+          const acc m = window_max<acc>(oh, ow, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.in_h, g.in_w, load, &off);
           yp[oh * g.out_w + ow] = static_cast<scalar_t>(m);
           if (kSaveArgmax) ap[oh * g.out_w + ow] = static_cast<off_t>(off);
         }
       }
     }
   });
+}
+
+// Same-width integer for offsets kept next to acc values, so the selects
+// below vectorise with one mask for both.
+template <typename acc>
+using lane_int = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;
+
+// Maximum over K consecutive columns starting every S columns, for n
+// windows that lie inside the row: cm[i] and its column offset co[i].
+template <int K, int S, typename scalar_t, typename acc, typename lane>
+void column_max(const scalar_t* __restrict__ row, acc* __restrict__ cm, lane* __restrict__ co, int n) {
+  for (int i = 0; i < n; ++i) {
+    acc m = static_cast<acc>(row[i * S]);
+    lane d = 0;
+    for (int j = 1; j < K; ++j) {
+      const acc v = static_cast<acc>(row[i * S + j]);
+      const bool take = takes_max(v, m);
+      m = take ? v : m;
+      d = take ? lane(j) : d;
+    }
+    cm[i] = m;
+    co[i] = d;
+  }
+}
+
+// Folds n candidates into running maxima: candidate i is v[i] with offset
+// off(i). Used for a row of column maxima (NCHW) and for one input pixel's
+// channels (channels_last).
+template <typename value_t, typename acc, typename lane, typename Off>
+void merge_candidates(const value_t* __restrict__ v, const Off& off, acc* __restrict__ best,
+                      lane* __restrict__ best_off, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc x = static_cast<acc>(v[i]), m = best[i];
+    const lane d = off(i), md = best_off[i];
+    const bool take = takes_max(x, m);
+    best[i] = take ? x : m;
+    best_off[i] = take ? d : md;
+  }
+}
+
+// A row of column maxima: the offset is the row's plus the column's.
+template <typename acc, typename lane>
+void merge_row(const acc* __restrict__ cm, const lane* __restrict__ co, lane row_offset, acc* __restrict__ best,
+               lane* __restrict__ best_off, int64_t n) {
+  merge_candidates(cm, [co, row_offset](int64_t i) { return row_offset + co[i]; }, best, best_off, n);
+}
+
+// One input pixel's channels: one offset for all of them.
+template <typename scalar_t, typename acc, typename lane>
+void merge_pixel(const scalar_t* __restrict__ px, lane off, acc* __restrict__ best, lane* __restrict__ best_off,
+               int64_t n) {
+  merge_candidates(px, [off](int64_t) { return off; }, best, best_off, n);
 }
 
 // channels_last: one output row of one image per task. The window is walked
@@ -55,10 +120,11 @@ void forward_nchw(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeome
 template <typename scalar_t, typename off_t, bool kSaveArgmax>
 void forward_channels_last(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeometry& g) {
   using acc = at::opmath_type<scalar_t>;
+  using lane = lane_int<acc>;
   const int64_t C = g.channels, images = g.planes / std::max<int64_t>(1, C);
   at::parallel_for(0, images * g.out_h, grain(int64_t{g.out_w} * g.kh * g.kw * C), [&](int64_t begin, int64_t end) {
     std::vector<acc> best(C);
-    std::vector<int> best_off(C);
+    std::vector<lane> best_off(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / g.out_h;
       const int oh = static_cast<int>(t % g.out_h);
@@ -67,23 +133,19 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, off_t* argmax, const 
       for (int ow = 0; ow < g.out_w; ++ow) {
         const int w0 = window_start(ow, g.sw, g.pw);
         const int iw_lo = ax_max(w0, 0), iw_hi = ax_min(w0 + g.kw, g.in_w);
+        // Start from the first element; scanning it again changes nothing
+        // (it does not exceed itself; a NaN replacing itself is the same).
+        const scalar_t* first = x + ((n * g.in_h + ih_lo) * g.in_w + iw_lo) * C;
+        const lane first_off = encode_offset(ih_lo - h0, iw_lo - w0, g.kw);
+        for (int64_t c = 0; c < C; ++c) {
+          best[c] = static_cast<acc>(first[c]);
+          best_off[c] = first_off;
+        }
         for (int ih = ih_lo; ih < ih_hi; ++ih) {
           for (int iw = iw_lo; iw < iw_hi; ++iw) {
             const scalar_t* px = x + ((n * g.in_h + ih) * g.in_w + iw) * C;
-            const int off = encode_offset(ih - h0, iw - w0, g.kw);
-            if (ih == ih_lo && iw == iw_lo) {
-              for (int64_t c = 0; c < C; ++c) {
-                best[c] = static_cast<acc>(px[c]);
-                best_off[c] = off;
-              }
-              continue;
-            }
-            for (int64_t c = 0; c < C; ++c) {
-              const acc v = static_cast<acc>(px[c]);
-              const bool take = takes_max(v, best[c]);
-              best[c] = take ? v : best[c];
-              best_off[c] = take ? off : best_off[c];
-            }
+            const lane off = encode_offset(ih - h0, iw - w0, g.kw);
+            merge_pixel(px, off, best.data(), best_off.data(), C);
           }
         }
         const int64_t o = ((n * g.out_h + oh) * g.out_w + ow) * C;
@@ -91,6 +153,120 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, off_t* argmax, const 
         if (kSaveArgmax)
           for (int64_t c = 0; c < C; ++c) argmax[o + c] = static_cast<off_t>(best_off[c]);
       }
+    }
+  });
+}
+
+// Input offsets (in pixels) of each argmax offset, so the scatter below never
+// divides: delta[dh * kw + dw] = dh * in_w + dw.
+std::vector<int64_t> offset_deltas(const PoolGeometry& g) {
+  std::vector<int64_t> delta(static_cast<size_t>(g.kh) * g.kw);
+  for (int dh = 0; dh < g.kh; ++dh)
+    for (int dw = 0; dw < g.kw; ++dw) delta[encode_offset(dh, dw, g.kw)] = int64_t{dh} * g.in_w + dw;
+  return delta;
+}
+
+// Runs fn(acc* buffer) on n zeroed accumulators, then stores them in dx:
+// float and double accumulate in dx itself, reduced precision in float.
+template <typename scalar_t, typename Fn>
+void accumulate_into(scalar_t* dx, int64_t n, std::vector<at::opmath_type<scalar_t>>& scratch, Fn fn) {
+  using acc = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    std::fill(dx, dx + n, acc(0));
+    fn(dx);
+  } else {
+    scratch.assign(n, acc(0));
+    fn(scratch.data());
+    for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<scalar_t>(scratch[i]);
+  }
+}
+
+// NCHW forward for a K x K window with stride S (any padding, ceil_mode).
+template <typename scalar_t, typename off_t, int K, int S, bool kSaveArgmax>
+void forward_nchw_separable(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeometry& g) {
+  using acc = at::opmath_type<scalar_t>;
+  using lane = lane_int<acc>;
+  const int64_t in_plane = int64_t{g.in_h} * g.in_w, out_plane = int64_t{g.out_h} * g.out_w;
+  const int OW = g.out_w;
+  // Outputs whose windows lie inside the row: [ow_a, ow_b).
+  const int ow_a = ax_min((g.pw + S - 1) / S, OW);
+  const int ow_b = ax_max(ow_a, ax_min(OW, g.in_w + g.pw >= K ? (g.in_w + g.pw - K) / S + 1 : 0));
+  at::parallel_for(0, g.planes, grain(in_plane), [&](int64_t begin, int64_t end) {
+    // Column maxima of every input row of one plane, and their column offsets.
+    std::vector<acc> col_max(static_cast<size_t>(g.in_h) * OW), best(OW);
+    std::vector<lane> col_off(col_max.size()), best_off(OW);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xp = x + p * in_plane;
+      for (int ih = 0; ih < g.in_h; ++ih) {
+        const scalar_t* row = xp + int64_t{ih} * g.in_w;
+        acc* cm = col_max.data() + int64_t{ih} * OW;
+        lane* co = col_off.data() + int64_t{ih} * OW;
+        const auto clipped = [&](int ow) {  // edge windows: the general rule
+          const int w0 = window_start(ow, S, g.pw);
+          const int lo = ax_max(w0, 0), hi = ax_min(w0 + K, g.in_w);
+          acc m = static_cast<acc>(row[lo]);
+          int d = lo - w0;
+          for (int iw = lo + 1; iw < hi; ++iw) {
+            const acc v = static_cast<acc>(row[iw]);
+            if (takes_max(v, m)) m = v, d = iw - w0;
+          }
+          cm[ow] = m;
+          co[ow] = d;
+        };
+        for (int ow = 0; ow < ow_a; ++ow) clipped(ow);
+        if (ow_b > ow_a)
+          column_max<K, S>(row + window_start(ow_a, S, g.pw), cm + ow_a, co + ow_a, ow_b - ow_a);
+        for (int ow = ow_b; ow < OW; ++ow) clipped(ow);
+      }
+      scalar_t* yp = y + p * out_plane;
+      for (int oh = 0; oh < g.out_h; ++oh) {
+        const int h0 = window_start(oh, S, g.ph);
+        const int lo = ax_max(h0, 0), hi = ax_min(h0 + K, g.in_h);
+        const acc* cm = col_max.data() + int64_t{lo} * OW;
+        const lane* co = col_off.data() + int64_t{lo} * OW;
+        const lane first_row = encode_offset(lo - h0, 0, K);
+        for (int ow = 0; ow < OW; ++ow) {
+          best[ow] = cm[ow];
+          best_off[ow] = first_row + co[ow];
+        }
+        for (int ih = lo + 1; ih < hi; ++ih)
+          merge_row(col_max.data() + int64_t{ih} * OW, col_off.data() + int64_t{ih} * OW,
+                    lane(encode_offset(ih - h0, 0, K)), best.data(), best_off.data(), OW);
+        for (int ow = 0; ow < OW; ++ow) yp[int64_t{oh} * OW + ow] = static_cast<scalar_t>(best[ow]);
+        if (kSaveArgmax) {
+          off_t* ap = argmax + p * out_plane + int64_t{oh} * OW;
+          for (int ow = 0; ow < OW; ++ow) ap[ow] = static_cast<off_t>(best_off[ow]);
+        }
+      }
+    }
+  });
+}
+
+// Backward by scatter into zeroed accumulators, in output order. NCHW: one
+// plane per step; channels_last: one image per step.
+template <typename scalar_t, typename off_t>
+void backward_scatter(const scalar_t* dy, const off_t* argmax, scalar_t* dx, const PoolGeometry& g) {
+  using acc = at::opmath_type<scalar_t>;
+  const std::vector<int64_t> delta = offset_deltas(g);
+  const int64_t C = g.channels_last ? g.channels : 1;
+  const int64_t in_size = int64_t{g.in_h} * g.in_w * C, out_size = int64_t{g.out_h} * g.out_w * C;
+  const int64_t steps = g.planes / C;
+  at::parallel_for(0, steps, grain(in_size), [&](int64_t begin, int64_t end) {
+    std::vector<acc> scratch;
+    for (int64_t s = begin; s < end; ++s) {
+      const scalar_t* gs = dy + s * out_size;
+      const off_t* as = argmax + s * out_size;
+      accumulate_into(dx + s * in_size, in_size, scratch, [&](acc* sum) {
+        for (int oh = 0; oh < g.out_h; ++oh) {
+          const int64_t h0 = window_start(oh, g.sh, g.ph);
+          for (int ow = 0; ow < g.out_w; ++ow) {
+            const int64_t start = h0 * g.in_w + window_start(ow, g.sw, g.pw);
+            const int64_t o = (int64_t{oh} * g.out_w + ow) * C;
+            for (int64_t c = 0; c < C; ++c)
+              sum[(start + delta[as[o + c]]) * C + c] += static_cast<acc>(gs[o + c]);
+          }
+        }
+      });
     }
   });
 }
@@ -141,10 +317,10 @@ template <typename scalar_t, typename off_t, bool kSaveArgmax>
 void forward_typed(const scalar_t* x, scalar_t* y, off_t* argmax, const PoolGeometry& g) {
   if (g.channels_last) {
     forward_channels_last<scalar_t, off_t, kSaveArgmax>(x, y, argmax, g);
-  } else if (g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0) {
-    forward_nchw<scalar_t, off_t, true, kSaveArgmax>(x, y, argmax, g);
+  } else if (is_alexnet_window(g)) {
+    forward_nchw_separable<scalar_t, off_t, 3, 2, kSaveArgmax>(x, y, argmax, g);
   } else {
-    forward_nchw<scalar_t, off_t, false, kSaveArgmax>(x, y, argmax, g);
+    forward_nchw<scalar_t, off_t, kSaveArgmax>(x, y, argmax, g);
   }
 }
 
@@ -169,7 +345,8 @@ void max_pool2d_backward_cpu(const at::Tensor& dy, const at::Tensor& argmax, at:
     const scalar_t* gp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     const auto run = [&](const auto* ap) {
-      if (g.channels_last) backward_channels_last(gp, ap, dxp, g);
+      if (is_alexnet_window(g)) backward_scatter(gp, ap, dxp, g);
+      else if (g.channels_last) backward_channels_last(gp, ap, dxp, g);
       else backward_nchw(gp, ap, dxp, g);
     };
     if (argmax.scalar_type() == at::kByte) run(argmax.const_data_ptr<uint8_t>());

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) forward_per_output(const T* __restri
       const IndexT plane = t / g.out_h;
       const T* xp = x + plane * g.in_h * g.in_w;
       const int in_w = g.in_w;
-      const auto load = [xp, in_w](int ih, int iw) { return to_acc<T>(xp[ih * in_w + iw]); };
+      const auto load = [xp, in_w](int ih, int iw) { return to_acc<T>(xp[static_cast<IndexT>(ih) * in_w + iw]); };
       m = window_max<acc>(oh, ow, win.kh, win.kw, win.sh, win.sw, g.ph, g.pw, g.in_h, g.in_w, load, &off);
     }
     y[i] = from_acc<T>(m);
@@ -149,15 +149,14 @@ __global__ void __launch_bounds__(kThreads) backward_gather(const T* __restrict_
       const OffT* ap = argmax + base;
       const T* gp = dy + base;
       const int out_w = g.out_w;
-      const auto arg = [ap, out_w](int oh, int ow) { return ap[oh * out_w + ow]; };
-      const auto grad = [gp, out_w](int oh, int ow) { return to_acc<T>(gp[oh * out_w + ow]); };
+      const auto at = [out_w](int oh, int ow) { return static_cast<IndexT>(oh) * out_w + ow; };
+      const auto arg = [ap, &at](int oh, int ow) { return ap[at(oh, ow)]; };
+      const auto grad = [gp, &at](int oh, int ow) { return to_acc<T>(gp[at(oh, ow)]); };
       sum = gather_grad<acc>(h, w, g, arg, grad);
     }
     dx[i] = from_acc<T>(sum);
   }
 }
-
-bool is_alexnet_window(const PoolGeometry& g) { return g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2; }
 
 // 32-bit index arithmetic (much cheaper on the GPU) when every linear offset
 // into the input and the output fits, with room for the grid-stride step.
@@ -224,20 +223,21 @@ void launch_backward(const T* dy, const OffT* argmax, T* dx, const PoolGeometry&
 LaunchStatus max_pool2d_forward_cuda(DType dtype, bool wide_offsets, const void* x, void* y, void* argmax,
                                      const PoolGeometry& g, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     if (wide_offsets) {
       launch_forward<T, int32_t>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<int32_t*>(argmax), g, s);
     } else {
       launch_forward<T, uint8_t>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<uint8_t*>(argmax), g, s);
     }
+    return cudaGetLastError();
   });
 }
 
 LaunchStatus max_pool2d_backward_cuda(DType dtype, bool wide_offsets, const void* dy, const void* argmax, void* dx,
                                       const PoolGeometry& g, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_cuda_dtype(dtype, [&](auto tag) {
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
     if (wide_offsets) {
       launch_backward<T, int32_t>(static_cast<const T*>(dy), static_cast<const int32_t*>(argmax), static_cast<T*>(dx),
@@ -246,6 +246,7 @@ LaunchStatus max_pool2d_backward_cuda(DType dtype, bool wide_offsets, const void
       launch_backward<T, uint8_t>(static_cast<const T*>(dy), static_cast<const uint8_t*>(argmax), static_cast<T*>(dx),
                                   g, s);
     }
+    return cudaGetLastError();
   });
 }
 

@@ -38,6 +38,9 @@ struct PoolGeometry {
   bool channels_last = false;
 };
 
+// AlexNet's overlapping window, which both backends give a fast path.
+inline bool is_alexnet_window(const PoolGeometry& g) { return g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2; }
+
 // PyTorch's pooling_output_shape for dilation 1.
 inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, bool ceil_mode) {
   const int64_t span = in + 2 * p - k + (ceil_mode ? s - 1 : 0);
@@ -59,10 +62,11 @@ AX_HD void covering_outputs(int i, int k, int s, int p, int out, int* lo, int* h
   *hi = b < out - 1 ? b : out - 1;
 }
 
-// Does `v` replace the running maximum `m`? (v != v is isnan without <cmath>.)
+// Does `v` replace the running maximum `m`? (v != v is isnan without <cmath>;
+// `|` rather than `||` keeps it a branch-free select that vectorises.)
 template <typename acc>
 AX_HD bool takes_max(acc v, acc m) {
-  return v > m || v != v;
+  return (v > m) | (v != v);
 }
 
 // Argmax offset inside the window <-> input position.
