@@ -10,7 +10,7 @@ from ._loader import load_extension
 
 _C = load_extension()
 
-from . import ops  # noqa: E402  (registers fake kernels and autograd for the operators)
+from . import ops  # noqa: E402,F401  (registers fake kernels and autograd for the operators)
 from . import functional, nn  # noqa: E402
 from . import models, parallel  # noqa: E402
 from .convert import convert  # noqa: E402

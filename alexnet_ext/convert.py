@@ -15,7 +15,6 @@ built before the conversion still updates them), the training/eval mode is
 kept, and outputs are unchanged up to rounding. Subclasses of those torch
 modules are left alone: they may override forward.
 """
-import torch
 from torch import nn
 
 from . import nn as ann

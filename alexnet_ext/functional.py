@@ -30,18 +30,20 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     return _ops.lrn_forward(input, int(size), float(alpha), float(beta), float(k))
 
 
-def _pair(value, name):
+def _pair(value, name, op):
+    """(a, b) from an int or a pair (a 1-element sequence repeats), with an
+    error naming the op and the argument otherwise."""
     if isinstance(value, (tuple, list)):
         if len(value) == 1:
             value = (value[0], value[0])
         if len(value) != 2:
-            raise ValueError(f"max_pool2d: `{name}` must be an int or a pair of ints, got {value}")
+            raise ValueError(f"{op}: `{name}` must be an int or a pair of ints, got {value}")
         pair = tuple(value)
     else:
         pair = (value, value)
     for v in pair:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"max_pool2d: `{name}` must be an int or a pair of ints, got {value!r}")
+            raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}")
     return pair
 
 
@@ -67,13 +69,13 @@ def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: boo
     if input.dim() not in (3, 4):
         raise ValueError(f"max_pool2d: `input` must be 3D (C, H, W) or 4D (N, C, H, W), "
                          f"got {input.dim()}D ({tuple(input.shape)})")
-    if _pair(dilation, "dilation") != (1, 1):
+    if _pair(dilation, "dilation", "max_pool2d") != (1, 1):
         raise ValueError(f"max_pool2d: `dilation` other than 1 is not supported by alexnet_ext, got {dilation}; "
                          "use torch.nn.functional.max_pool2d for dilated pooling")
-    kernel_size = _pair(kernel_size, "kernel_size")
+    kernel_size = _pair(kernel_size, "kernel_size", "max_pool2d")
     stride = kernel_size if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) \
-        else _pair(stride, "stride")
-    padding = _pair(padding, "padding")
+        else _pair(stride, "stride", "max_pool2d")
+    padding = _pair(padding, "padding", "max_pool2d")
     if min(kernel_size) < 1:
         raise ValueError(f"max_pool2d: `kernel_size` must be positive, got {kernel_size}")
     if min(stride) < 1:
@@ -92,14 +94,6 @@ def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: boo
         return out
     indices = flat_indices(argmax, x.shape[-1], kernel_size, stride, padding)
     return out, indices if batched else indices.squeeze(0)
-
-
-def _conv_pair(value, name):
-    if isinstance(value, int):
-        return [value, value]
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return [int(value[0]), int(value[1])]
-    raise ValueError(f"conv2d_relu: `{name}` must be an int or a pair of ints, got {value!r}")
 
 
 def _autocast_dtype(device_type):
@@ -133,21 +127,21 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, g
         raise ValueError(f"conv2d_relu: `input` must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"conv2d_relu: `weight` must be 4-D (K, C/groups, R, S), got shape {tuple(weight.shape)}")
-    if _conv_pair(dilation, "dilation") != [1, 1]:
+    if _pair(dilation, "dilation", "conv2d_relu") != (1, 1):
         raise ValueError(f"conv2d_relu: only `dilation` = 1 is supported, got {dilation!r}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"conv2d_relu: `groups` must be an int >= 1, got {groups!r}")
-    stride = _conv_pair(stride, "stride")
+    stride = _pair(stride, "stride", "conv2d_relu")
     if isinstance(padding, str):
         kernel = weight.shape[2:]
         if padding == "valid":
             padding = [0, 0]
-        elif padding == "same" and stride == [1, 1] and all(k % 2 == 1 for k in kernel):
+        elif padding == "same" and stride == (1, 1) and all(k % 2 == 1 for k in kernel):
             padding = [kernel[0] // 2, kernel[1] // 2]
         else:
             raise ValueError(f"conv2d_relu: `padding` = {padding!r} is supported as 'valid', or 'same' with "
                              f"stride 1 and odd kernel sizes (got stride {stride}, kernel {tuple(kernel)})")
-    padding = _conv_pair(padding, "padding")
+    padding = _pair(padding, "padding", "conv2d_relu")
     cast = _autocast_dtype(input.device.type)
     if cast is not None:
         # As autocast's own casts: floating tensors other than float64 only.

@@ -30,7 +30,6 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-import alexnet_ext  # noqa: E402
 from alexnet_ext import data as D  # noqa: E402
 from alexnet_ext.models import AlexNet  # noqa: E402
 

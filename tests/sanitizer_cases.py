@@ -40,7 +40,29 @@ def pool_case():
     torch.cuda.synchronize()
 
 
-CASES = {"lrn": lrn_case, "pool": pool_case}
+def conv_case():
+    # Partial tiles in every GEMM dimension, groups, stride, padding and
+    # channel padding (C = 3), with TF32 on and off.
+    f = alexnet_ext.functional.conv2d_relu
+    shapes = [((2, 3, 19, 17), (20, 3, 5, 5), 3, 2, 1), ((2, 16, 9, 7), (24, 8, 3, 3), 1, 1, 2)]
+    for tf32 in (True, False):
+        torch.backends.cudnn.allow_tf32 = tf32
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            for cl in (False, True):
+                for xs, ws, stride, padding, groups in shapes:
+                    x = torch.randn(xs, device="cuda", dtype=dtype)
+                    if cl:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_()
+                    w = torch.randn(ws, device="cuda", dtype=dtype, requires_grad=True)
+                    b = torch.randn(ws[0], device="cuda", dtype=dtype, requires_grad=True)
+                    y = f(x, w, b, stride, padding, groups)
+                    y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+    torch.backends.cudnn.allow_tf32 = True
+
+
+CASES = {"lrn": lrn_case, "pool": pool_case, "conv": conv_case}
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--list"]:

@@ -2,7 +2,6 @@
 resumable sampler. References are computed independently with numpy
 slicing on known pixel arrays."""
 import logging
-import os
 from pathlib import Path
 
 import numpy as np

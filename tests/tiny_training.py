@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-import torch
 from torch import nn
 
 
