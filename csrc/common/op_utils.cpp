@@ -71,6 +71,12 @@ void* current_stream(const at::Tensor& t) {
   return impl->getStream(t.device()).native_handle();
 }
 
+void throw_no_cuda_kernels(const char* op) {
+  TORCH_CHECK(false, op, ": `input` is a CUDA tensor but alexnet_ext was built without CUDA kernels (CPU-only "
+              "PyTorch, no nvcc, or USE_CUDA=0); see `python -m alexnet_ext.info` and rebuild with "
+              "`pip install --no-build-isolation -e .` on a machine with CUDA");
+}
+
 void check_launch(LaunchStatus status, const char* what) {
 #ifdef ALEXNET_EXT_WITH_CUDA
   TORCH_CHECK(status == 0, "alexnet_ext: CUDA launch of ", what, " failed: ", cuda_error_string(status));

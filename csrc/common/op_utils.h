@@ -35,6 +35,10 @@ bool poison_outputs();
 // The current CUDA stream of `t`'s device, as an opaque cudaStream_t.
 void* current_stream(const at::Tensor& t);
 
+// The error a CUDA tensor gets from a build without CUDA kernels; `op` is
+// the user-facing name, e.g. "alexnet_ext.max_pool2d".
+[[noreturn]] void throw_no_cuda_kernels(const char* op);
+
 // Throws a RuntimeError naming `what` when a launcher reported an error.
 void check_launch(LaunchStatus status, const char* what);
 

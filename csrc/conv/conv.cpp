@@ -385,19 +385,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_refe
 }
 
 #ifndef ALEXNET_EXT_WITH_CUDA
-[[noreturn]] void no_cuda_kernels() {
-  TORCH_CHECK(false, kOp, ": `input` is a CUDA tensor but alexnet_ext was built without CUDA "
-              "kernels (CPU-only PyTorch, no nvcc, or USE_CUDA=0); see `python -m alexnet_ext.info` and rebuild "
-              "with `pip install --no-build-isolation -e .` on a machine with CUDA");
-}
 at::Tensor forward_no_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
                            at::IntArrayRef, int64_t) {
-  no_cuda_kernels();
+  throw_no_cuda_kernels(kOp);
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_no_cuda(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                                                                 at::IntArrayRef, int64_t, std::array<bool, 3>) {
-  no_cuda_kernels();
+  throw_no_cuda_kernels(kOp);
 }
 #endif
 

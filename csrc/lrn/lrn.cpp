@@ -125,16 +125,11 @@ at::Tensor lrn_backward(const at::Tensor& grad_output, const at::Tensor& input, 
 }
 
 #ifndef ALEXNET_EXT_WITH_CUDA
-[[noreturn]] void no_cuda_kernels(const char* op) {
-  TORCH_CHECK(false, "alexnet_ext.", op, ": `input` is a CUDA tensor but alexnet_ext was built without CUDA "
-              "kernels (CPU-only PyTorch, no nvcc, or USE_CUDA=0); see `python -m alexnet_ext.info` and rebuild "
-              "with `pip install --no-build-isolation -e .` on a machine with CUDA");
-}
 at::Tensor lrn_forward_no_cuda(const at::Tensor&, int64_t, double, double, double) {
-  no_cuda_kernels("local_response_norm");
+  throw_no_cuda_kernels("alexnet_ext.local_response_norm");
 }
 at::Tensor lrn_backward_no_cuda(const at::Tensor&, const at::Tensor&, int64_t, double, double, double) {
-  no_cuda_kernels("local_response_norm");
+  throw_no_cuda_kernels("alexnet_ext.local_response_norm");
 }
 #endif
 

@@ -142,18 +142,13 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
 }
 
 #ifndef ALEXNET_EXT_WITH_CUDA
-[[noreturn]] void no_cuda_kernels() {
-  TORCH_CHECK(false, kOp, ": `input` is a CUDA tensor but alexnet_ext was built without CUDA kernels (CPU-only "
-              "PyTorch, no nvcc, or USE_CUDA=0); see `python -m alexnet_ext.info` and rebuild with "
-              "`pip install --no-build-isolation -e .` on a machine with CUDA");
-}
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_no_cuda(const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
                                                               at::IntArrayRef, bool, bool) {
-  no_cuda_kernels();
+  throw_no_cuda_kernels(kOp);
 }
 at::Tensor max_pool2d_backward_no_cuda(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
                                        at::IntArrayRef, at::IntArrayRef, bool) {
-  no_cuda_kernels();
+  throw_no_cuda_kernels(kOp);
 }
 #endif
 
