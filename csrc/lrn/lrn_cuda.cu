@@ -83,6 +83,18 @@ __device__ void load_tile(const T* __restrict__ src, acc_t<T>* tile, const LrnPa
   }
 }
 
+// Calls fn(oc, pixel, offset) for each of the tile's output elements that
+// lies inside the tensor, with the coalescing thread mapping.
+template <typename Fn>
+__device__ __forceinline__ void for_each_tile_output(const Tile& tile, const LrnParams& p, Fn fn) {
+  for (int e = threadIdx.x; e < kTileChannels * kTilePixels; e += blockDim.x) {
+    int oc, pixel;
+    tile_coords(e, kTileChannels, p.channels_last, oc, pixel);
+    const int64_t c = tile.c0 + oc, pix = tile.p0 + pixel;
+    if (c < p.channels && pix < p.inner) fn(oc, pixel, element_offset(p, tile.n, c, pix));
+  }
+}
+
 template <typename acc>
 __device__ __forceinline__ acc column_sum_sq(const acc* tile, int row, int count, int pixel) {
   acc s = 0;
@@ -113,17 +125,12 @@ __global__ void __launch_bounds__(kThreads)
     const Tile tile = tile_at(g, t);
     load_tile(x, xs, p, tile.n, tile.c0 - before, rows, tile.p0);
     __syncthreads();
-    for (int e = threadIdx.x; e < kTileChannels * kTilePixels; e += blockDim.x) {
-      int oc, pixel;
-      tile_coords(e, kTileChannels, p.channels_last, oc, pixel);
-      const int64_t c = tile.c0 + oc, pix = tile.p0 + pixel;
-      if (c < p.channels && pix < p.inner) {
-        // Output channel c's window is rows [oc, oc + size) of the tile.
-        const acc s = denominator_base(column_sum_sq(xs, oc, p.size, pixel), coefs);
-        const acc xv = xs[(oc + before) * kPitch + pixel];
-        y[element_offset(p, tile.n, c, pix)] = from_acc<T>(xv * inv_pow(s, coefs));
-      }
-    }
+    for_each_tile_output(tile, p, [&](int oc, int pixel, int64_t offset) {
+      // Output channel c0 + oc's window is rows [oc, oc + size) of the tile.
+      const acc s = denominator_base(column_sum_sq(xs, oc, p.size, pixel), coefs);
+      const acc xv = xs[(oc + before) * kPitch + pixel];
+      y[offset] = from_acc<T>(xv * inv_pow(s, coefs));
+    });
     __syncthreads();  // the next tile overwrites xs
   }
 }
@@ -169,17 +176,12 @@ __global__ void __launch_bounds__(kThreads)
       ts[r * kPitch + pixel] = tv;  // same thread read this element: no race
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < kTileChannels * kTilePixels; e += blockDim.x) {
-      int oc, pixel;
-      tile_coords(e, kTileChannels, p.channels_last, oc, pixel);
-      const int64_t c = tile.c0 + oc, pix = tile.p0 + pixel;
-      if (c < p.channels && pix < p.inner) {
-        // R(c) is t rows [oc, oc + size); x[c] is x row oc + after + before.
-        const acc sum_t = column_sum(ts, oc, p.size, pixel);
-        const acc xv = xs[(oc + after + before) * kPitch + pixel];
-        dx[element_offset(p, tile.n, c, pix)] = from_acc<T>(grad_input(first[oc * kPitch + pixel], xv, sum_t, coefs));
-      }
-    }
+    for_each_tile_output(tile, p, [&](int oc, int pixel, int64_t offset) {
+      // R(c0 + oc) is t rows [oc, oc + size); its x is x row oc + after + before.
+      const acc sum_t = column_sum(ts, oc, p.size, pixel);
+      const acc xv = xs[(oc + after + before) * kPitch + pixel];
+      dx[offset] = from_acc<T>(grad_input(first[oc * kPitch + pixel], xv, sum_t, coefs));
+    });
     __syncthreads();
   }
 }
