@@ -169,6 +169,12 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
                                     {0, 0}, g.groups)
                         .contiguous(fmt);
   at::Tensor b = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : at::Tensor();
+  if (conv.scalar_type() == x.scalar_type()) {
+    // float32/float64: ATen's result already has the output's dtype and
+    // layout, so bias + ReLU run in place instead of writing a second tensor.
+    bias_relu_cpu(conv, b, conv, fmt);
+    return conv;
+  }
   bias_relu_cpu(conv, b, y, fmt);
   return y;
 }
@@ -344,8 +350,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_backward(
   if (output_mask[0] || output_mask[1]) {
     auto grads = at::convolution_backward(dym.to(acc), input.to(acc), weight.to(acc), std::nullopt, stride, padding,
                                           {1, 1}, false, {0, 0}, groups, {output_mask[0], output_mask[1], false});
-    if (output_mask[0]) dx.copy_(std::get<0>(grads));
-    if (output_mask[1]) dw.copy_(std::get<1>(grads));
+    // ATen's gradients are returned as they are when dtype and layout already
+    // match (float32/float64); only reduced precision pays a conversion pass.
+    const auto take = [](at::Tensor& dst, const at::Tensor& src, at::MemoryFormat f) {
+      if (src.scalar_type() == dst.scalar_type() && src.is_contiguous(f)) {
+        dst = src;
+      } else {
+        dst.copy_(src);
+      }
+    };
+    if (output_mask[0]) take(dx, std::get<0>(grads), suggested_format(input));
+    if (output_mask[1]) take(dw, std::get<1>(grads), suggested_format(weight));
   }
   return {dx, dw, db};
 }
