@@ -608,11 +608,17 @@ def run(args, model_fn=None):
     return status
 
 
-def main(argv=None):
+def main(argv=None, model_fn=None):
+    """The command line: parse `argv`, train (see run()), turn the errors a
+    user can fix into a message and exit status 2, and leave the process
+    group cleanly. `model_fn` as in run()."""
     args = parse_args(argv)
     from .distributed import cleanup
+    finished = False  # every rank returned from run(): they can meet at a barrier
     try:
-        return run(args)
+        status = run(args, model_fn=model_fn)
+        finished = True
+        return status
     except (ckpt.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -620,7 +626,7 @@ def main(argv=None):
         print("aborted without a checkpoint (second interrupt)", file=sys.stderr, flush=True)
         return 130
     finally:
-        cleanup()
+        cleanup(synchronize=finished)
 
 
 if __name__ == "__main__":

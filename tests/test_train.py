@@ -262,7 +262,7 @@ def test_torchrun_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "tiny_training.py"), *TINY, "--epochs", "2", "--out", str(out)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[:2000], res.stderr[-2000:])
     assert res.stdout.count("epoch 2/2:") == 1  # rank 0 alone reports
     m = read_metrics(out)
     assert len(m) == 2

@@ -42,9 +42,4 @@ def tiny_model(args, num_classes):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from alexnet_ext import train
-    from alexnet_ext.distributed import cleanup
-    try:
-        status = train.run(train.parse_args(sys.argv[1:]), model_fn=tiny_model)
-    finally:
-        cleanup()
-    sys.exit(status)
+    sys.exit(train.main(sys.argv[1:], model_fn=tiny_model))
