@@ -86,6 +86,7 @@ def report() -> str:
         f"built for       {built_for}",
         f"CUDA kernels    {'compiled' if alexnet_ext.cuda_kernels_compiled() else 'not compiled'}"
         f" (archs: {built_archs})",
+        f"CPU vector ISA  {torch.ops.alexnet_ext._cpu_isa()} (ATEN_CPU_CAPABILITY picks it, as for PyTorch)",
         "GPUs:",
         *_gpu_lines(),
         "peer-to-peer access:",

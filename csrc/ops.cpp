@@ -4,6 +4,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common/cpu_isa.h"
 #include "common/op_utils.h"
 
 extern "C" {
@@ -24,5 +27,13 @@ TORCH_LIBRARY(alexnet_ext, m) {
 #else
     return false;
 #endif
+  });
+  // Which vector ISA the channel-vectorised CPU kernels use (common/cpu_isa.h).
+  m.def("_cpu_isa() -> str", []() -> std::string {
+    switch (alexnet_ext::cpu_isa()) {
+      case alexnet_ext::CpuIsa::kAvx512: return "avx512";
+      case alexnet_ext::CpuIsa::kAvx2: return "avx2";
+      default: return "baseline";
+    }
   });
 }

@@ -1,5 +1,9 @@
 """Overlapping max-pool against torch.nn.functional.max_pool2d."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,10 @@ CASES = [
     ((2, 2, 7, 9), (2, 3), (1, 2), (1, 0), True),
     ((3, 8, 8), 3, 2, 1, False),  # (C, H, W)
     ((3, 5, 7), 3, 3, 0, True),
+    # Enough channels for the channels_last CPU kernel's full register blocks
+    # (32 float / 16 double channels) and a partial one after them.
+    ((2, 80, 9, 8), 3, 2, 1, True),
+    ((1, 72, 7, 7), 3, 2, 0, False),
 ]
 CASE_IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1]}-s{c[2]}-p{c[3]}-{'ceil' if c[4] else 'floor'}" for c in CASES]
 
@@ -58,7 +66,7 @@ def test_matches_torch_forward_and_backward(device, dtype, layout, shape, kernel
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("case", [0, 1, 4, 8, 9], ids=[CASE_IDS[i] for i in (0, 1, 4, 8, 9)])
+@pytest.mark.parametrize("case", [0, 1, 4, 8, 9, 12, 13], ids=[CASE_IDS[i] for i in (0, 1, 4, 8, 9, 12, 13)])
 def test_many_ties_first_maximum_wins(device, dtype, layout, case):
     # Small integers: most windows hold several equal maxima, and the gradient
     # must land on the same one PyTorch picks (the first in row-major order).
@@ -72,7 +80,7 @@ def test_many_ties_first_maximum_wins(device, dtype, layout, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("case", [0, 3, 7], ids=[CASE_IDS[i] for i in (0, 3, 7)])
+@pytest.mark.parametrize("case", [0, 3, 7, 12], ids=[CASE_IDS[i] for i in (0, 3, 7, 12)])
 def test_nan_and_inf_propagate_like_torch(device, dtype, layout, case):
     # NaNs (several per window: PyTorch keeps the last one), +-inf, and
     # windows where everything is -inf (PyTorch points at the first element).
@@ -222,6 +230,30 @@ def test_empty_tensors(device, shape):
     assert y.shape == idx.shape == shape[:-2] + (3, 3)
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+CPU_ISAS = {"default": "baseline", "avx2": "avx2", "avx512": "avx512"}  # ATEN_CPU_CAPABILITY -> ours
+
+
+@pytest.mark.parametrize("isa", list(CPU_ISAS))
+def test_every_cpu_isa_variant_matches_torch(isa):
+    # The channels_last CPU kernels are compiled for AVX-512, AVX2 and the
+    # baseline, and this process runs only one of them: rerun the CPU
+    # channels_last tests with each, chosen through PyTorch's own switch.
+    order = list(CPU_ISAS)
+    have = torch.backends.cpu.get_cpu_capability().lower()
+    if isa != "default" and (have not in order or order.index(isa) > order.index(have)):
+        pytest.skip(f"this CPU runs {have}, not {isa}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    probe = subprocess.run([sys.executable, "-c", "import torch, alexnet_ext; print(torch.ops.alexnet_ext._cpu_isa())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split()[-1] == CPU_ISAS[isa]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "cpu and channels_last and not compile"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert " passed" in res.stdout and " failed" not in res.stdout
 
 
 def test_bad_arguments_name_the_argument():
