@@ -1,9 +1,5 @@
 """Overlapping max-pool against torch.nn.functional.max_pool2d."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -230,30 +226,6 @@ def test_empty_tensors(device, shape):
     assert y.shape == idx.shape == shape[:-2] + (3, 3)
     y.sum().backward()
     assert x.grad.shape == x.shape
-
-
-CPU_ISAS = {"default": "baseline", "avx2": "avx2", "avx512": "avx512"}  # ATEN_CPU_CAPABILITY -> ours
-
-
-@pytest.mark.parametrize("isa", list(CPU_ISAS))
-def test_every_cpu_isa_variant_matches_torch(isa):
-    # The channels_last CPU kernels are compiled for AVX-512, AVX2 and the
-    # baseline, and this process runs only one of them: rerun the CPU
-    # channels_last tests with each, chosen through PyTorch's own switch.
-    order = list(CPU_ISAS)
-    have = torch.backends.cpu.get_cpu_capability().lower()
-    if isa != "default" and (have not in order or order.index(isa) > order.index(have)):
-        pytest.skip(f"this CPU runs {have}, not {isa}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-    probe = subprocess.run([sys.executable, "-c", "import torch, alexnet_ext; print(torch.ops.alexnet_ext._cpu_isa())"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    assert probe.stdout.split()[-1] == CPU_ISAS[isa]
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "cpu and channels_last and not compile"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert " passed" in res.stdout and " failed" not in res.stdout
 
 
 def test_bad_arguments_name_the_argument():

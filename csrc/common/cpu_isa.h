@@ -1,4 +1,5 @@
-// Wider vectors for the CPU kernels whose inner loops run along channels.
+// Wider vectors for the CPU kernels whose inner loops run over contiguous
+// channels (max-pool channels_last) or pixels (LRN NCHW).
 //
 // The extension is compiled for baseline x86-64 (SSE2: 4 floats a vector),
 // so that it loads on every machine. PyTorch's own CPU kernels are compiled
@@ -10,7 +11,8 @@
 //
 // The choice follows PyTorch's (at::get_cpu_capability(), which honours
 // ATEN_CPU_CAPABILITY=default|avx2|avx512), so one variable switches both,
-// and the tests can run the baseline path on an AVX-512 machine.
+// and the tests can run every variant on an AVX-512 machine
+// (tests/test_cpu_isa.py).
 #pragma once
 
 namespace alexnet_ext {

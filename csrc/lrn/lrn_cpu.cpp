@@ -1,12 +1,17 @@
 // LRN on the CPU: parallel over (N x blocks of pixels); each task copies the
 // squares of its block for all channels into a small buffer (kept in cache),
-// then takes the window sums along channels directly.
+// then takes the window sums along channels directly. NCHW blocks run
+// compiled for AVX-512/AVX2 where the CPU has them (common/cpu_isa.h): their
+// loops are over contiguous pixels, and the rsqrt/sqrt of every element
+// vectorise. channels_last visits the (C, B) buffers with a stride, which
+// the wider ISAs turn into slow gathers, so it stays as compiled.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "lrn/lrn_cpu.h"
 #include "lrn/lrn_math.h"
 
@@ -82,7 +87,11 @@ void for_each_block(const LrnParams& p, int n_buffers, Fn fn) {
       blk.n = t / blocks_per_image;
       blk.p0 = (t % blocks_per_image) * kPixelBlock;
       blk.B = std::min(kPixelBlock, p.inner - blk.p0);
-      fn(blk, storage.data());
+      if constexpr (kChannelsLast) {
+        fn(blk, storage.data());
+      } else {
+        with_cpu_isa([&] { fn(blk, storage.data()); });
+      }
     }
   });
 }
