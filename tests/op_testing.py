@@ -5,6 +5,8 @@
   non-contiguous (permuted storage) tensor.
 - check_against_reference(): run our op and a float64 reference on the same
   fresh input, forward and backward, with tolerances that fit the dtype.
+- check_compiled_matches_eager(): torch.compile(fullgraph=True) of a module
+  against the module itself, output and gradients.
 Outputs are poisoned with NaN before kernels write them (conftest.py).
 """
 import pytest
@@ -80,3 +82,18 @@ def check_against_reference(op, reference, inputs, dtype, grad=True, tol_scale=1
         assert g.shape == x.shape and g.dtype == x.dtype
         torch.testing.assert_close(g.double().cpu(), w, equal_nan=True, **tolerance(dtype, tol_scale * 4))
     return out
+
+
+def check_compiled_matches_eager(model, x, wrt=()):
+    """torch.compile(model, fullgraph=True) gives model's output and the same
+    gradients of a random upstream gradient with respect to x and each tensor
+    in `wrt`. Returns (compiled module, eager output)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out, compiled_out = model(x), compiled(x)
+    torch.testing.assert_close(compiled_out, eager_out)
+    g = torch.randn_like(eager_out)
+    inputs = [x, *wrt]
+    for got, want in zip(torch.autograd.grad(compiled_out, inputs, g), torch.autograd.grad(eager_out, inputs, g)):
+        torch.testing.assert_close(got, want)
+    return compiled, eager_out

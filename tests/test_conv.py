@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import alexnet_ext
 from alexnet_ext.functional import conv2d_relu
-from op_testing import DEVICES, DTYPES, HAS_CUDA, random_input, requires_cuda
+from op_testing import DEVICES, DTYPES, HAS_CUDA, check_compiled_matches_eager, random_input, requires_cuda
 
 _ops = torch.ops.alexnet_ext
 
@@ -164,17 +164,10 @@ def test_opcheck(device, layout, requires_grad):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_matches_eager(device):
-    torch._dynamo.reset()
     model = torch.nn.Sequential(alexnet_ext.nn.Conv2dReLU(3, 8, 3, stride=2, padding=1),
                                 alexnet_ext.nn.Conv2dReLU(8, 6, 3, padding=1, groups=2)).to(device).double()
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64, device=device, requires_grad=True)
-    eager_out, compiled_out = model(x), compiled(x)
-    torch.testing.assert_close(compiled_out, eager_out)
-    g = torch.randn_like(eager_out)
-    params = [x] + list(model.parameters())
-    for a, e in zip(torch.autograd.grad(compiled_out, params, g), torch.autograd.grad(eager_out, params, g)):
-        torch.testing.assert_close(a, e)
+    check_compiled_matches_eager(model, x, wrt=list(model.parameters()))
 
 
 @pytest.mark.parametrize("device", DEVICES)

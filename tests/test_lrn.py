@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import alexnet_ext
 from alexnet_ext.functional import local_response_norm
-from op_testing import DEVICES, DTYPES, LAYOUTS, check_against_reference, random_input, requires_cuda
+from op_testing import (DEVICES, DTYPES, LAYOUTS, check_against_reference, check_compiled_matches_eager, random_input,
+                        requires_cuda)
 
 # (shape, size): 3D/4D/5D inputs, every window 1..9 odd and even, C smaller
 # than the window, odd spatial sizes.
@@ -93,16 +94,9 @@ def test_opcheck(device, requires_grad, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_matches_eager(device):
-    torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), alexnet_ext.nn.LocalResponseNorm(5, k=2.0))
-    model = model.to(device).double()
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device, requires_grad=True)
-    eager_out = model(x)
-    compiled_out = compiled(x)
-    torch.testing.assert_close(compiled_out, eager_out)
-    g = torch.randn_like(eager_out)
-    torch.testing.assert_close(torch.autograd.grad(compiled_out, x, g)[0], torch.autograd.grad(eager_out, x, g)[0])
+    check_compiled_matches_eager(model.to(device).double(), x)
 
 
 @pytest.mark.parametrize("device", DEVICES)

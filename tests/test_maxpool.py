@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import alexnet_ext
 from alexnet_ext.functional import max_pool2d
-from op_testing import DEVICES, DTYPES, LAYOUTS, check_against_reference, random_input, requires_cuda, with_layout
+from op_testing import (DEVICES, DTYPES, LAYOUTS, check_against_reference, check_compiled_matches_eager, random_input,
+                        requires_cuda, with_layout)
 
 # (shape, kernel_size, stride, padding, ceil_mode): kernels 1..5 (and a
 # non-square one), strides 1..3, padding 0..k//2, ceil_mode both ways, odd
@@ -185,17 +186,10 @@ def test_opcheck(device, layout, save_argmax):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_matches_eager(device):
-    torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                                 alexnet_ext.nn.MaxPool2d(3, 2, ceil_mode=True))
-    model = model.to(device).double()
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64, device=device, requires_grad=True)
-    eager_out = model(x)
-    compiled_out = compiled(x)
-    torch.testing.assert_close(compiled_out, eager_out)
-    g = torch.randn_like(eager_out)
-    torch.testing.assert_close(torch.autograd.grad(compiled_out, x, g)[0], torch.autograd.grad(eager_out, x, g)[0])
+    compiled, eager_out = check_compiled_matches_eager(model.to(device).double(), x)
     with torch.no_grad():  # the no-argmax forward traces too
         torch.testing.assert_close(compiled(x), eager_out)
 
