@@ -174,7 +174,7 @@ class ColumnPlacement:
         if streams is None and any(r.kind != "none" for r in self.routes.values()):
             streams = CudaStreams(stream_devices(self.devices, self.routes))
         self._streams = streams
-        self._ready = {}  # id(tensor) -> (tensor, its producer's event), for one forward
+        self._stage = None  # (a stage's outputs as given to gather, their producers' events)
         self.log: Optional[List[Crossing]] = None  # set by count_crossings()
 
     @property
@@ -192,7 +192,7 @@ class ColumnPlacement:
         """Called once per forward, before any column runs: each column's
         stream waits for the work the caller queued on that device (the input,
         the optimizer's last parameter update)."""
-        self._ready.clear()
+        self._stage = None
         if self._streams is not None:
             for c in range(self.columns):
                 self._streams.follow_caller(f"compute{c}")
@@ -215,24 +215,17 @@ class ColumnPlacement:
 
     def finish(self, out: torch.Tensor, column: int) -> torch.Tensor:
         """Hand the model's output, computed by `column`, back to the caller's stream."""
-        self._ready.clear()
+        self._stage = None
         if self._streams is not None:
             self._streams.hand_to_caller(out, f"compute{column}")
         return out
 
-    def _ready_event(self, x: torch.Tensor, column: int):
-        """The event marking that column `column`'s stream has produced `x`;
-        recorded the first time it is asked for (see gather)."""
-        entry = self._ready.get(id(x))
-        if entry is None or entry[0] is not x:
-            entry = (x, self._streams.record(f"compute{column}"))
-            self._ready[id(x)] = entry
-        return entry[1]
-
     # -- the crossings -------------------------------------------------------
-    def cross(self, x: torch.Tensor, src: int, dst: int, name: str) -> torch.Tensor:
+    def cross(self, x: torch.Tensor, src: int, dst: int, name: str, ready=None) -> torch.Tensor:
         """Column `src`'s activation `x`, made available to column `dst`: one
-        copy when their devices differ, none otherwise; recorded when counting."""
+        copy when their devices differ, none otherwise; recorded when counting.
+        `ready`: the event marking `x` produced on `src`'s stream (recorded
+        now when not given)."""
         if src == dst:
             return x
         if self.log is not None:
@@ -243,11 +236,15 @@ class ColumnPlacement:
             y = x if device is None else x.to(device)
         elif route.kind == "event":
             # Same GPU: no copy, only an ordering between the two streams.
-            self._streams.wait(route.consumer, self._ready_event(x, src))
+            if ready is None:
+                ready = self._streams.record(route.producer)
+            self._streams.wait(route.consumer, ready)
             self._streams.record_stream(x, route.consumer)
             y = x
         else:
-            self._streams.wait(route.copy, self._ready_event(x, src))
+            if ready is None:
+                ready = self._streams.record(route.producer)
+            self._streams.wait(route.copy, ready)
             y = self._streams.copy(x, self.device(dst), route)
             self._streams.record_stream(x, route.copy)
             self._streams.wait(route.consumer, self._streams.record(route.copy))
@@ -261,14 +258,16 @@ class ColumnPlacement:
 
     def gather(self, outputs: Sequence[torch.Tensor], dst: int, name: str) -> torch.Tensor:
         """All columns' outputs concatenated along dim 1 for column `dst`."""
+        ready = [None] * len(outputs)
         if self._streams is not None:
-            # Mark every output as produced now, while each producer's stream
-            # holds nothing but its stage: recorded later (after this column's
-            # concatenation waited for an incoming copy) the outgoing copy would
-            # wait for the incoming one.
-            for c, t in enumerate(outputs):
-                self._ready_event(t, c)
-        parts = [self.cross(t, c, dst, name) for c, t in enumerate(outputs)]
+            # The first gather of a stage marks every column's output produced,
+            # while each producer's stream holds nothing but its stage: recorded
+            # later (after this column's concatenation waited for an incoming
+            # copy) the outgoing copy would wait for the incoming one.
+            if self._stage is None or self._stage[0] is not outputs:
+                self._stage = (outputs, [self._streams.record(f"compute{c}") for c in range(len(outputs))])
+            ready = self._stage[1]
+        parts = [self.cross(t, c, dst, name, ready[c]) for c, t in enumerate(outputs)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _record(self, name, direction, src, dst, t, log=None):
