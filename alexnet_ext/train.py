@@ -60,8 +60,9 @@ val_top5_err, images_per_s, lr), steps.csv (training loss every --log-every step
 (--plot), config.json, last.pt (every epoch and every --checkpoint-every steps; the one it
 replaced is kept as last.prev.pt) and best.pt (lowest validation top-1 error).
 
-interrupting: Ctrl-C or SIGTERM finishes the current step, writes last.pt and exits with status
-130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at once. Continue with --resume PATH or
+interrupting: Ctrl-C or SIGTERM finishes the current step (under torchrun: the processes stop together
+within --stop-check-every steps), writes last.pt and exits with status 130 (SIGINT) or 143 (SIGTERM);
+a second Ctrl-C aborts at once. Continue with --resume PATH or
 --resume auto: with a fixed --seed and --workers 0 on a CPU the resumed run ends with exactly the
 parameters an uninterrupted run would have.
 """
@@ -732,7 +733,9 @@ class GraphedTrainStep:
                 side.wait_stream(torch.cuda.current_stream(s.device))
                 with torch.cuda.stream(side):
                     loss, n = train_step(s, state, batch)
-                torch.cuda.current_stream(s.device).wait_stream(side)
+                current = torch.cuda.current_stream(s.device)
+                current.wait_stream(side)
+                loss.record_stream(current)  # summed on the current stream after the side stream made it
                 return loss, n
             self._capture(x, y)
         static_x, static_y, static_loss = self.static

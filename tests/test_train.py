@@ -489,6 +489,21 @@ def test_train_state_is_what_the_checkpoint_holds(tmp_path):
     assert state["format_version"] == ckpt.FORMAT_VERSION == 1
 
 
+
+def test_checkpoint_from_before_train_state_resumes_exactly(tmp_path):
+    """tests/data/checkpoint_format1_tiny_step9.pt was written by the training
+    loop before TrainState (format 1, the tiny run of run_tiny stopped by
+    --max-steps 9). Resumed now, the run ends with the parameters of a run
+    that was never interrupted."""
+    import shutil
+    old = tmp_path / "old" / "last.pt"
+    old.parent.mkdir()
+    shutil.copy(ROOT / "tests" / "data" / "checkpoint_format1_tiny_step9.pt", old)
+    assert ckpt.load_checkpoint(old)["global_step"] == 9
+    assert run_tiny(tmp_path / "old", "--epochs", 2, "--resume", old) == 0
+    assert run_tiny(tmp_path / "whole", "--epochs", 2) == 0
+    assert_same_training_state(tmp_path / "whole" / "last.pt", old)
+
 # --------------------------------------------------------------------------
 # On a GPU: no synchronisation inside a step, CUDA graphs (skipped here)
 # --------------------------------------------------------------------------
