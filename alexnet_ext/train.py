@@ -461,7 +461,10 @@ class Session:
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.amp)
-        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
+        # A captured graph must not reuse weight casts cached outside it (PyTorch's
+        # CUDA-graph notes): no autocast cache with --cuda-graphs.
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None,
+                              cache_enabled=not self.args.cuda_graphs)
 
 
 class LossWindow:
