@@ -282,6 +282,20 @@ def test_torchrun_sigterm_stops_every_rank_with_a_checkpoint(tmp_path):
     assert 1 <= state["global_step"] < 9  # 3 epochs of 3 steps per rank
 
 
+def test_torchrun_ranks_stop_together_at_a_vote(tmp_path):
+    # With --stop-check-every 2 the ranks learn of the signal only at even
+    # steps (and epoch ends: step 7 of 7 per epoch here), and stop together.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "tiny_training.py"), *TINY, "--synthetic-train", "112", "--epochs", "2",
+           "--stop-check-every", "2", "--out", str(out)]
+    _, stdout, stderr = signal_mid_run(cmd, tmp_path, signal.SIGTERM, 0.3)
+    assert "stopped (SIGTERM)" in stdout + stderr, (stdout, stderr[-3000:])
+    state = ckpt.load_checkpoint(out / "last.pt")
+    assert 1 <= state["global_step"] < 14
+    assert state["global_step"] % 2 == 0 or state["global_step"] == 7, state["global_step"]
+
+
 # --------------------------------------------------------------------------
 # AlexNet itself
 # --------------------------------------------------------------------------
