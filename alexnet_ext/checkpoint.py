@@ -9,7 +9,12 @@
   that names the file and the previous good checkpoint to resume from.
 - Everything stored is plain tensors, numbers, strings and containers of
   them, so files load with ``torch.load(weights_only=True)``.
+- state_payload() / restore_state() turn a training-state dataclass into a
+  checkpoint and back field by field, so the file's keys are the
+  dataclass's fields: a field added to the state is saved and restored
+  without anyone listing it here.
 """
+import dataclasses
 import os
 import random
 import tempfile
@@ -170,6 +175,68 @@ def find_resume_checkpoint(out_dir=None, runs_dir="runs"):
         if out_dir is None and os.path.exists(path):
             break  # the newest run had checkpoints but none loads: do not silently pick an older run
     return None
+
+
+# ---------------------------------------------------------------------------
+# A training-state dataclass <-> a checkpoint
+# ---------------------------------------------------------------------------
+
+# Field metadata: restore=False marks a field that is written for the reader
+# (e.g. the run's configuration) but that the resuming run sets itself.
+RECORD_ONLY = {"restore": False}
+
+
+def state_payload(state) -> dict:
+    """The checkpoint of dataclass `state`: one key per field, plus
+    format_version. A field whose value has ``state_dict()`` (a module, an
+    optimizer, a scheduler, a scaler, :class:`GlobalRNG`) is stored as its
+    state dict; any other value is stored as it is."""
+    if not dataclasses.is_dataclass(state):
+        raise TypeError(f"state_payload: `state` must be a dataclass instance, got {type(state).__name__}")
+    payload = {"format_version": FORMAT_VERSION}
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        payload[f.name] = value.state_dict() if hasattr(value, "state_dict") else value
+    return payload
+
+
+def restore_state(state, payload: dict, path="checkpoint"):
+    """Puts checkpoint `payload` back into dataclass `state`, field by field:
+    ``load_state_dict`` for the fields that have it, assignment otherwise;
+    fields marked RECORD_ONLY are left as they are. An empty state dict is a
+    component that was disabled when saved (e.g. a GradScaler without fp16)
+    and is skipped. A field the checkpoint lacks is a CheckpointError naming
+    it (the file predates the field; its format version would say so)."""
+    missing = [f.name for f in dataclasses.fields(state)
+               if f.metadata.get("restore", True) and f.name not in payload]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing} (checkpoint format {payload.get('format_version')}); "
+                              "it cannot be resumed by this version")
+    for f in dataclasses.fields(state):
+        if not f.metadata.get("restore", True):
+            continue
+        current, saved = getattr(state, f.name), payload[f.name]
+        if hasattr(current, "load_state_dict"):
+            if not (isinstance(saved, dict) and not saved):
+                current.load_state_dict(saved)
+        else:
+            setattr(state, f.name, saved)
+    return state
+
+
+class GlobalRNG:
+    """The process's global random generators (torch, CUDA, numpy, Python) as
+    a component with state_dict()/load_state_dict(), so that a training state
+    holds them like any other field."""
+
+    def state_dict(self):
+        return rng_state()
+
+    def load_state_dict(self, state):
+        set_rng_state(state)
+
+    def __repr__(self):
+        return "GlobalRNG()"
 
 
 # ---------------------------------------------------------------------------

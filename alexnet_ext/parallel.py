@@ -22,28 +22,40 @@ fc8        column 1 -> column 0   fc7 half (N,2048)           1
 fc8 is held whole by column 0 (so the logits come out on the first device and
 are not gathered again); the gradients go back through the same crossings.
 
-Devices:
+Devices and streams (the plan is :func:`plan_routes`; one :class:`Route` per
+direction src -> dst):
 
-- two devices: each column on its own; a crossing is one device-to-device copy
-  (peer-to-peer when ``torch.cuda.can_device_access_peer`` allows it; PyTorch
-  enables peer access on the first such copy).
-- one CUDA device listed twice: both columns on it, each on its own CUDA
-  stream, so the two columns' kernels run concurrently.
-- ``"cpu"`` (twice): sequential; the crossings are counted but copy nothing.
+- ``"cpu"`` (twice) or no devices: sequential; a crossing moves nothing
+  (route ``none``), but is still counted.
+- one CUDA device listed twice: both columns on it, each on its own compute
+  stream, so the two columns' kernels run concurrently. A crossing copies
+  nothing; the consumer's stream waits for an event the producer recorded
+  right after computing the tensor (route ``event``).
+- two devices: each column on its own GPU. Each direction has its own copy
+  stream on the source GPU (and a landing stream on the destination GPU that
+  only that direction uses, because PyTorch fences a cross-device copy with
+  the destination's current stream too). The copy stream waits for the
+  producer's event, copies, and records an event the consumer's stream waits
+  for (route ``copy``). So the two directions' copies run at the same time,
+  neither column's next stage queues behind its outgoing copy, and a column
+  computes while the other's activation is in flight. Peer-to-peer is used
+  when ``torch.cuda.can_device_access_peer`` allows it.
 
-On CUDA every column runs on a side stream of its device. A crossing's copy is
-issued on the source column's stream right after that column's stage, and the
-destination stream waits for it only when it needs the data, so one column's
-compute overlaps the other column's copy.
+The producer's event is recorded when the model first hands a stage's outputs
+to :meth:`ColumnPlacement.gather` (before any stream waits for the other
+column), and ``Tensor.record_stream`` tells the caching allocator about every
+stream that reads a tensor, so no memory is reused while a copy still reads
+it. Gradients go back through the same copies: autograd runs each copy's
+backward on the streams its forward used.
 """
 import contextlib
 import warnings
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["ColumnParallel", "ColumnPlacement", "Crossing", "count_crossings", "place"]
+__all__ = ["ColumnParallel", "ColumnPlacement", "Crossing", "Route", "count_crossings", "place", "plan_routes"]
 
 
 class Crossing(NamedTuple):
@@ -58,24 +70,119 @@ class Crossing(NamedTuple):
     nbytes: int
 
 
+class Route(NamedTuple):
+    """How a tensor produced by column `src` reaches column `dst`: which
+    stream produced it, which streams move it, which stream consumes it
+    (names; None where the route has no such stream)."""
+    kind: str                  # "none", "event" (same GPU) or "copy" (different GPUs)
+    producer: Optional[str]    # compute stream of the source column
+    copy: Optional[str]        # the direction's copy stream, on the source GPU
+    landing: Optional[str]     # the direction's stream on the destination GPU (PyTorch's copy fences it)
+    consumer: Optional[str]    # compute stream of the destination column
+
+
+def plan_routes(devices: Optional[Sequence]) -> Dict[Tuple[int, int], Route]:
+    """The route of every ordered pair of columns for `devices` (one per
+    column; None: wherever the data already is). Pure bookkeeping: it needs
+    no GPU, so the plan is tested on any machine."""
+    if devices is None:
+        return {}
+    devices = [torch.device(d) for d in devices]
+    cuda = all(d.type == "cuda" for d in devices)
+    routes = {}
+    for src in range(len(devices)):
+        for dst in range(len(devices)):
+            if src == dst:
+                continue
+            if not cuda:
+                routes[src, dst] = Route("none", None, None, None, None)
+            elif devices[src] == devices[dst]:
+                routes[src, dst] = Route("event", f"compute{src}", None, None, f"compute{dst}")
+            else:
+                routes[src, dst] = Route("copy", f"compute{src}", f"copy{src}to{dst}", f"landing{src}to{dst}",
+                                         f"compute{dst}")
+    return routes
+
+
+def stream_devices(devices: Sequence, routes: Dict[Tuple[int, int], Route]) -> Dict[str, torch.device]:
+    """{stream name: its device} for the streams `routes` use."""
+    devices = [torch.device(d) for d in devices]
+    out = {}
+    for (src, dst), r in routes.items():
+        for name, dev in ((r.producer, devices[src]), (r.copy, devices[src]), (r.landing, devices[dst]),
+                          (r.consumer, devices[dst])):
+            if name is not None:
+                out[name] = dev
+    return out
+
+
+class CudaStreams:
+    """The streams and events a placement uses, by name (see plan_routes).
+    Tests substitute an object with the same methods that records the calls."""
+
+    def __init__(self, devices: Dict[str, torch.device]):
+        self.streams = {name: torch.cuda.Stream(device=d) for name, d in sorted(devices.items())}
+
+    def use(self, name):
+        return torch.cuda.stream(self.streams[name])
+
+    def record(self, name):
+        event = torch.cuda.Event()
+        event.record(self.streams[name])
+        return event
+
+    def wait(self, name, event):
+        self.streams[name].wait_event(event)
+
+    def record_stream(self, tensor, name):
+        tensor.record_stream(self.streams[name])
+
+    def copy(self, x, device, route: Route):
+        # PyTorch copies between GPUs on the source device's current stream and
+        # fences the destination device's current stream: both are this
+        # direction's own, so the copy orders against nothing else.
+        with torch.cuda.stream(self.streams[route.landing]), torch.cuda.stream(self.streams[route.copy]):
+            return x.to(device, non_blocking=True)
+
+    def follow_caller(self, name):
+        """Stream `name` waits for the work the caller queued on its device."""
+        stream = self.streams[name]
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+
+    def hand_to_caller(self, tensor, name):
+        """The caller's stream waits for stream `name`, which produced `tensor`."""
+        caller = torch.cuda.current_stream(tensor.device)
+        caller.wait_stream(self.streams[name])
+        tensor.record_stream(caller)
+
+
 class ColumnPlacement:
     """Where each column of a model runs, and the single place where
     activations move between columns.
 
     ``devices=None`` (what every model starts with) means "wherever the
     parameters and the input already are": nothing is moved and no stream is
-    used. ``devices`` is one device per column otherwise.
+    used. ``devices`` is one device per column otherwise. ``routes`` and
+    ``streams`` default to plan_routes(devices) and, on GPUs, CudaStreams;
+    tests pass their own to check the ordering on a CPU.
     """
 
-    def __init__(self, columns: int, devices: Optional[Sequence] = None):
+    def __init__(self, columns: int, devices: Optional[Sequence] = None, routes=None, streams=None):
         self.columns = columns
         self.devices = None if devices is None else [torch.device(d) for d in devices]
-        self.streams = None
-        if self.devices is not None and all(d.type == "cuda" for d in self.devices):
-            # A side stream per column: on one GPU the two columns run
-            # concurrently; on two GPUs copies overlap the other column's work.
-            self.streams = [torch.cuda.Stream(device=d) for d in self.devices]
+        self.routes = plan_routes(self.devices) if routes is None else dict(routes)
+        if streams is None and any(r.kind != "none" for r in self.routes.values()):
+            streams = CudaStreams(stream_devices(self.devices, self.routes))
+        self._streams = streams
+        self._stage = None  # (a stage's outputs as given to gather, their producers' events)
         self.log: Optional[List[Crossing]] = None  # set by count_crossings()
+
+    @property
+    def streams(self):
+        """The columns' compute streams (CUDA), or None."""
+        if not isinstance(self._streams, CudaStreams):
+            return None
+        return [self._streams.streams[f"compute{c}"] for c in range(self.columns)]
 
     def device(self, column: int) -> Optional[torch.device]:
         return None if self.devices is None else self.devices[column]
@@ -85,15 +192,16 @@ class ColumnPlacement:
         """Called once per forward, before any column runs: each column's
         stream waits for the work the caller queued on that device (the input,
         the optimizer's last parameter update)."""
-        if self.streams is not None:
-            for s in self.streams:
-                s.wait_stream(torch.cuda.current_stream(s.device))
+        self._stage = None
+        if self._streams is not None:
+            for c in range(self.columns):
+                self._streams.follow_caller(f"compute{c}")
 
     def on(self, column: int):
         """Context in which column `column` runs its layers."""
-        if self.streams is None:
+        if self._streams is None:
             return contextlib.nullcontext()
-        return torch.cuda.stream(self.streams[column])
+        return self._streams.use(f"compute{column}")
 
     def enter(self, x: torch.Tensor, column: int) -> torch.Tensor:
         """The model's input, on `column`'s device (call inside on(column))."""
@@ -101,44 +209,46 @@ class ColumnPlacement:
         if device is None:
             return x
         y = x.to(device, non_blocking=True)
-        if self.streams is not None and y is x:
-            x.record_stream(self.streams[column])  # used on a side stream, freed by the caller
+        if self._streams is not None and y is x:
+            self._streams.record_stream(x, f"compute{column}")  # used on a side stream, freed by the caller
         return y
 
     def finish(self, out: torch.Tensor, column: int) -> torch.Tensor:
         """Hand the model's output, computed by `column`, back to the caller's stream."""
-        if self.streams is not None:
-            caller = torch.cuda.current_stream(out.device)
-            caller.wait_stream(self.streams[column])
-            out.record_stream(caller)
+        self._stage = None
+        if self._streams is not None:
+            self._streams.hand_to_caller(out, f"compute{column}")
         return out
 
     # -- the crossings -------------------------------------------------------
-    def cross(self, x: torch.Tensor, src: int, dst: int, name: str) -> torch.Tensor:
+    def cross(self, x: torch.Tensor, src: int, dst: int, name: str, ready=None) -> torch.Tensor:
         """Column `src`'s activation `x`, made available to column `dst`: one
-        copy when their devices differ, none otherwise; recorded when counting."""
+        copy when their devices differ, none otherwise; recorded when counting.
+        `ready`: the event marking `x` produced on `src`'s stream (recorded
+        now when not given)."""
         if src == dst:
             return x
-        device = self.device(dst)
         if self.log is not None:
             self._record(name, "forward", src, dst, x)
-        if device is None:
+        route = self.routes.get((src, dst))
+        if route is None or route.kind == "none":
+            device = self.device(dst)
+            y = x if device is None else x.to(device)
+        elif route.kind == "event":
+            # Same GPU: no copy, only an ordering between the two streams.
+            if ready is None:
+                ready = self._streams.record(route.producer)
+            self._streams.wait(route.consumer, ready)
+            self._streams.record_stream(x, route.consumer)
             y = x
-        elif self.streams is None:
-            y = x.to(device)
         else:
-            s_src, s_dst = self.streams[src], self.streams[dst]
-            if s_src.device == s_dst.device:
-                # Same GPU: no copy, only an ordering between the two streams.
-                s_dst.wait_stream(s_src)
-                x.record_stream(s_dst)
-                y = x
-            else:
-                # PyTorch copies between GPUs on the source device's current
-                # stream and makes the destination's current stream wait, so
-                # both column streams are made current for the copy.
-                with torch.cuda.stream(s_src), torch.cuda.stream(s_dst):
-                    y = x.to(device, non_blocking=True)
+            if ready is None:
+                ready = self._streams.record(route.producer)
+            self._streams.wait(route.copy, ready)
+            y = self._streams.copy(x, self.device(dst), route)
+            self._streams.record_stream(x, route.copy)
+            self._streams.wait(route.consumer, self._streams.record(route.copy))
+            self._streams.record_stream(y, route.consumer)
         if self.log is not None and y.requires_grad:
             if y is x:  # no copy: a view of its own, so the hook sees only this crossing's gradient
                 y = x.view_as(x)
@@ -148,7 +258,16 @@ class ColumnPlacement:
 
     def gather(self, outputs: Sequence[torch.Tensor], dst: int, name: str) -> torch.Tensor:
         """All columns' outputs concatenated along dim 1 for column `dst`."""
-        parts = [self.cross(t, c, dst, name) for c, t in enumerate(outputs)]
+        ready = [None] * len(outputs)
+        if self._streams is not None:
+            # The first gather of a stage marks every column's output produced,
+            # while each producer's stream holds nothing but its stage: recorded
+            # later (after this column's concatenation waited for an incoming
+            # copy) the outgoing copy would wait for the incoming one.
+            if self._stage is None or self._stage[0] is not outputs:
+                self._stage = (outputs, [self._streams.record(f"compute{c}") for c in range(len(outputs))])
+            ready = self._stage[1]
+        parts = [self.cross(t, c, dst, name, ready[c]) for c, t in enumerate(outputs)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _record(self, name, direction, src, dst, t, log=None):

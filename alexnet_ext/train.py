@@ -7,6 +7,7 @@
 Run `python -m alexnet_ext.train --help` for every option.
 """
 import argparse
+import collections
 import csv
 import datetime
 import io
@@ -17,10 +18,13 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import checkpoint as ckpt
 from . import data as D
@@ -56,8 +60,9 @@ val_top5_err, images_per_s, lr), steps.csv (training loss every --log-every step
 (--plot), config.json, last.pt (every epoch and every --checkpoint-every steps; the one it
 replaced is kept as last.prev.pt) and best.pt (lowest validation top-1 error).
 
-interrupting: Ctrl-C or SIGTERM finishes the current step, writes last.pt and exits with status
-130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at once. Continue with --resume PATH or
+interrupting: Ctrl-C or SIGTERM finishes the current step (under torchrun: the processes stop together
+within --stop-check-every steps), writes last.pt and exits with status 130 (SIGINT) or 143 (SIGTERM);
+a second Ctrl-C aborts at once. Continue with --resume PATH or
 --resume auto: with a fixed --seed and --workers 0 on a CPU the resumed run ends with exactly the
 parameters an uninterrupted run would have.
 """
@@ -131,6 +136,12 @@ def build_parser():
                    help="mixed precision (autocast; fp16 adds loss scaling). Default off (float32)")
     g.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture forward, backward and the SGD update as one CUDA graph and replay it every "
+                        "step (one GPU; drops the last partial batch; not with --compile, --amp fp16 or torchrun)")
+    g.add_argument("--stop-check-every", type=int, default=10, metavar="N",
+                   help="under torchrun: the processes agree whether a signal asks them to stop every N steps "
+                        "and at every epoch end (default 10); one process checks after every step")
 
     g = ap.add_argument_group("output, checkpoints and short runs")
     g.add_argument("--out", metavar="DIR", default=None,
@@ -164,6 +175,14 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "synthetic_classes", "synthetic_train", "synthetic_val"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.cuda_graphs and args.compile:
+        ap.error("--cuda-graphs and --compile: choose one (torch.compile's own graphs: "
+                 "mode='reduce-overhead')")
+    if args.cuda_graphs and args.amp == "fp16":
+        ap.error("--cuda-graphs cannot capture --amp fp16: the loss scaler decides on the host whether to "
+                 "step; use --amp bf16")
+    if args.stop_check_every < 1:
+        ap.error(f"--stop-check-every must be >= 1, got {args.stop_check_every}")
     for name in ("workers", "checkpoint_every", "lr_patience", "lr_drops"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -376,57 +395,220 @@ def evaluate(net, loader, device, autocast, channels_last, limit=None):
 
 
 # ---------------------------------------------------------------------------
-# The run
+# The training state (what a checkpoint holds) and the run's fixed parts
 # ---------------------------------------------------------------------------
 
-def run(args, model_fn=None):
-    """Trains as `args` says; returns the process exit status. `model_fn(args,
-    num_classes)` replaces AlexNet (tests use it for tiny models)."""
-    info, devices = resolve_devices(args)
-    main_proc = info.rank == 0
-    say = (lambda *a: print(*a, flush=True)) if main_proc else (lambda *a: None)
-    device = devices[0]
+def fresh_progress():
+    """The running totals of an epoch (resumed mid-epoch from a checkpoint)."""
+    return dict(loss_sum=0.0, images=0, time_s=0.0)
 
-    # --- where to write and what to resume -------------------------------
-    resume_path = None
+
+@dataclass
+class TrainState:
+    """Everything a run carries from step to step. A checkpoint is exactly
+    these fields (checkpoint.state_payload: components as their state dicts,
+    the rest as they are) and resume puts every one of them back
+    (checkpoint.restore_state), so a field added here cannot be forgotten.
+    `config` and `classes` are written for the reader; a resumed run keeps
+    its own (the network options are checked to match, see check_resumable)."""
+    model: nn.Module                      # the network itself, not a DDP/compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    config: dict = field(metadata=ckpt.RECORD_ONLY)
+    classes: list = field(metadata=ckpt.RECORD_ONLY)
+    epoch: int = 0                        # epochs completed
+    step_in_epoch: int = 0                # batches of the current epoch done
+    global_step: int = 0
+    epoch_progress: dict = field(default_factory=fresh_progress)
+    metrics: list = field(default_factory=list)   # one row per epoch (metrics.csv)
+    steps: list = field(default_factory=list)     # one row per log point (steps.csv)
+    best_top1_err: Optional[float] = None
+    rng: ckpt.GlobalRNG = field(default_factory=ckpt.GlobalRNG)
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+
+@dataclass
+class Session:
+    """The parts of a run that are rebuilt from the options, never saved."""
+    args: argparse.Namespace
+    info: object                          # distributed.DistributedInfo
+    devices: list
+    model: nn.Module                      # what the step calls: maybe ColumnParallel, DDP, compiled
+    sampler: D.ResumableSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    batches_per_epoch: int
+    log_every: int
+    out_dir: str
+    stop: "StopVote"
+    step: object = None                   # (session, state, batch) -> (loss on the device, images)
+
+    @property
+    def device(self):
+        return self.devices[0]
+
+    @property
+    def main_proc(self):
+        return self.info.rank == 0
+
+    def say(self, *a):
+        if self.main_proc:
+            print(*a, flush=True)
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.amp)
+        # A captured graph must not reuse weight casts cached outside it (PyTorch's
+        # CUDA-graph notes): no autocast cache with --cuda-graphs.
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None,
+                              cache_enabled=not self.args.cuda_graphs)
+
+
+class LossWindow:
+    """The training loss summed on the device between two log points.
+
+    add() queues a device addition (no host read). close() ends a window: it
+    starts copying the sum to pinned host memory and records an event, without
+    waiting; ready() hands back the closed windows whose copies have landed
+    (with wait=True all of them). So a step never waits for the device to tell
+    the host its loss: a window is read at a later step, or at the end of the
+    epoch, when its copy has long finished."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n = 0
+        self._pending = collections.deque()
+
+    def add(self, loss, n):
+        self.sum += loss.double() * n
+        self.n += n
+
+    def close(self, record):
+        """Ends the window; `record` (a steps.csv row without its loss) comes
+        back from ready() with the window's sum and image count."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                host = torch.empty((), dtype=torch.float64, pin_memory=True)
+                host.copy_(self.sum, non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(torch.cuda.current_stream(self.device))
+        else:
+            host, landed = self.sum.clone(), None
+        self._pending.append((host, landed, self.n, record))
+        self.sum.zero_()
+        self.n = 0
+
+    def ready(self, wait=False):
+        """[(loss sum, images, record)] of the closed windows now on the host, oldest first."""
+        out = []
+        while self._pending:
+            host, landed, n, record = self._pending[0]
+            if landed is not None and not landed.query():
+                if not wait:
+                    break
+                landed.synchronize()
+            self._pending.popleft()
+            out.append((host.item(), n, record))
+        return out
+
+    def take_partial(self):
+        """The sum of the open window (a stop cut it short), read now."""
+        value = self.sum.item() if self.n else 0.0
+        self.sum.zero_()
+        self.n = 0
+        return value
+
+
+class StopVote:
+    """Every process must stop at the same step (DDP would hang otherwise).
+
+    In one process the signal flag is a host variable, read after every step.
+    Under torchrun the processes vote every `every` steps and at the end of
+    every epoch, and only then: the vote is a CPU tensor all-reduced over a
+    gloo group (the default group on the CPU, a second group beside NCCL on
+    GPUs), a host-to-host exchange that never waits for a GPU, so no step
+    synchronises with the device to learn whether to stop."""
+
+    def __init__(self, every, dist=None):
+        self.every = every
+        self.dist = dist
+        self.group = None
+        if dist is not None and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # every rank creates it, in the same order
+
+    def due(self, global_step, last_in_epoch):
+        return self.dist is None or last_in_epoch or global_step % self.every == 0
+
+    def agreed(self, flag):
+        if self.dist is None:
+            return bool(flag)
+        vote = torch.tensor([1.0 if flag else 0.0])
+        self.dist.all_reduce(vote, op=self.dist.ReduceOp.MAX, group=self.group)
+        return bool(vote.item())
+
+
+# ---------------------------------------------------------------------------
+# Building a run
+# ---------------------------------------------------------------------------
+
+def resume_source(args, say):
+    """(checkpoint path or None, output folder)."""
+    path = None
     if args.resume == "auto":
-        resume_path = ckpt.find_resume_checkpoint(args.out)
-        say(f"--resume auto: {'continuing from ' + resume_path if resume_path else 'no checkpoint found, starting fresh'}")
+        path = ckpt.find_resume_checkpoint(args.out)
+        say(f"--resume auto: {'continuing from ' + path if path else 'no checkpoint found, starting fresh'}")
     elif args.resume:
-        resume_path = args.resume
-    out_dir = args.out or (os.path.dirname(os.path.abspath(resume_path)) if resume_path else default_out_dir())
-    state = ckpt.load_checkpoint(resume_path) if resume_path else None
+        path = args.resume
+    out_dir = args.out or (os.path.dirname(os.path.abspath(path)) if path else default_out_dir())
+    return path, out_dir
 
-    # --- seeds, data, model ------------------------------------------------
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    random.seed(args.seed)
-    train_set, val_set, classes = build_datasets(args)
-    args.num_classes = len(classes)
-    config = {k: v for k, v in vars(args).items()}
-    if state is not None:
-        old = state.get("config", {})
-        diff = [k for k in ARCH_KEYS if k in old and old[k] != config[k]]
-        if diff:
-            raise ValueError("--resume: the checkpoint was trained with a different network or data: "
-                             + ", ".join(f"{k}={old[k]!r} (now {config[k]!r})" for k in diff)
-                             + "; pass the same options as the original run")
 
-    net = (model_fn or build_alexnet)(args, args.num_classes)
-    if state is not None:
-        net.load_state_dict(state["model"])
+def check_resumable(saved_config, config):
+    diff = [k for k in ARCH_KEYS if k in saved_config and saved_config[k] != config[k]]
+    if diff:
+        raise ValueError("--resume: the checkpoint was trained with a different network or data: "
+                         + ", ".join(f"{k}={saved_config[k]!r} (now {config[k]!r})" for k in diff)
+                         + "; pass the same options as the original run")
+
+
+def check_cuda_graphs(args, devices, info):
+    """--cuda-graphs needs one CUDA device and a step without host decisions."""
+    if not args.cuda_graphs:
+        return
+    problems = []
+    if devices[0].type != "cuda":
+        problems.append(f"it needs a CUDA device (this run uses {devices[0]})")
+    if len(set(devices)) > 1:
+        problems.append("it captures one device: give one GPU (--devices cuda:0; both columns then run on two "
+                        "streams of it)")
+    if info.world_size > 1:
+        problems.append("it does not run under torchrun (DistributedDataParallel's hooks are not captured)")
+    if problems:
+        raise ValueError("--cuda-graphs: " + "; ".join(problems))
+
+
+def build_model(args, model_fn, num_classes, devices):
+    """(the network, what the step calls: placed, DDP-wrapped, compiled)."""
+    net = (model_fn or build_alexnet)(args, num_classes)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if hasattr(net, "num_columns"):
         from .parallel import place
         model = place(net, devices)
     else:
-        model = net.to(device)
+        model = net.to(devices[0])
     from .distributed import wrap_ddp
     model = wrap_ddp(model)
     if args.compile:
         model = torch.compile(model)
+    return net, model
 
+
+def build_optimizer(args, net, device):
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     # At most lr_drops reductions: the floor is reached after exactly that many.
@@ -434,178 +616,279 @@ def run(args, model_fn=None):
         optimizer, mode="min", factor=args.lr_factor, patience=args.lr_patience,
         min_lr=args.lr * args.lr_factor ** args.lr_drops * (1 - 1e-6))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return optimizer, scheduler, scaler
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    # --- loaders -----------------------------------------------------------
+def build_loaders(args, info, device, train_set, val_set):
+    """(sampler, train loader, val loader, batches per epoch)."""
     sampler = D.ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank, seed=args.seed)
-    pin = device.type == "cuda"
-    loader_kw = dict(num_workers=args.workers, pin_memory=pin, collate_fn=D.collate_skip_none,
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=D.collate_skip_none,
                      worker_init_fn=D.ignore_sigint_in_worker if args.workers else None,
                      # Draws the workers' base seed from its own generator, not the global RNG
                      # that dropout uses, so creating a loader does not shift the dropout masks.
                      generator=torch.Generator().manual_seed(args.seed))
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_kw)
+    # A captured step has static shapes: --cuda-graphs drops the last partial batch.
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                               drop_last=args.cuda_graphs, **loader_kw)
     val_indices = list(range(info.rank, len(val_set), info.world_size))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices, **loader_kw)
-    batches_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
+    if args.cuda_graphs:
+        batches = sampler.num_samples // args.batch_size
+        if batches == 0:
+            raise ValueError(f"--cuda-graphs drops partial batches, and {sampler.num_samples} training images "
+                             f"per process make none of --batch-size {args.batch_size}")
+    else:
+        batches = math.ceil(sampler.num_samples / args.batch_size)
     if args.limit_train_batches:
-        batches_per_epoch = min(batches_per_epoch, args.limit_train_batches)
-    log_every = args.log_every or max(1, batches_per_epoch // 20)
+        batches = min(batches, args.limit_train_batches)
+    return sampler, train_loader, val_loader, batches
 
-    # --- state -------------------------------------------------------------
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    progress = dict(loss_sum=0.0, images=0, time_s=0.0)
-    metrics, steps, best_err = [], [], None
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        progress = dict(state["epoch_progress"])
-        metrics, steps, best_err = list(state["metrics"]), list(state["steps"]), state["best_top1_err"]
-        ckpt.set_rng_state(state["rng"])
-        say(f"resumed from {resume_path}: epoch {epoch + 1}, step {step_in_epoch} of {batches_per_epoch}")
-        del state
-    if main_proc:
+
+def setup(args, model_fn=None):
+    """(Session, TrainState) for `args`: devices, data, model, optimizer,
+    loaders, and the state restored from --resume."""
+    info, devices = resolve_devices(args)
+    check_cuda_graphs(args, devices, info)
+    say = (lambda *a: print(*a, flush=True)) if info.rank == 0 else (lambda *a: None)
+    resume_path, out_dir = resume_source(args, say)
+    saved = ckpt.load_checkpoint(resume_path) if resume_path else None
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    random.seed(args.seed)
+    train_set, val_set, classes = build_datasets(args)
+    args.num_classes = len(classes)
+    config = dict(vars(args))
+    if saved is not None:
+        check_resumable(saved.get("config", {}), config)
+    net, model = build_model(args, model_fn, args.num_classes, devices)
+    optimizer, scheduler, scaler = build_optimizer(args, net, devices[0])
+    sampler, train_loader, val_loader, batches_per_epoch = build_loaders(args, info, devices[0], train_set, val_set)
+    state = TrainState(net, optimizer, scheduler, scaler, config=config, classes=classes)
+    if saved is not None:
+        ckpt.restore_state(state, saved, resume_path)
+        say(f"resumed from {resume_path}: epoch {state.epoch + 1}, step {state.step_in_epoch} of "
+            f"{batches_per_epoch}")
+        del saved
+    session = Session(args, info, devices, model, sampler, train_loader, val_loader, batches_per_epoch,
+                      log_every=args.log_every or max(1, batches_per_epoch // 20), out_dir=out_dir,
+                      stop=StopVote(args.stop_check_every, _dist()))
+    session.step = GraphedTrainStep(session, state) if args.cuda_graphs else train_step
+    if session.main_proc:
         os.makedirs(out_dir, exist_ok=True)
         ckpt.atomic_write(os.path.join(out_dir, "config.json"),
                           lambda f: f.write(json.dumps(dict(config, classes=classes), indent=2).encode()))
-    nparams = sum(p.numel() for p in net.parameters())
-    say(f"{type(net).__name__}: {nparams:,} parameters, {args.num_classes} classes, "
-        f"{'synthetic data' if args.data is None else args.data} ({len(train_set)} train / {len(val_set)} val "
-        f"images), devices {', '.join(map(str, devices))}"
+    say(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters, {args.num_classes} "
+        f"classes, {'synthetic data' if args.data is None else args.data} ({len(train_set)} train / "
+        f"{len(val_set)} val images), devices {', '.join(map(str, devices))}"
         + (f" x {info.world_size} processes" if info.world_size > 1 else "") + f"; writing to {out_dir}")
+    return session, state
 
-    def save(best=False):
-        if not main_proc:
-            return None
-        payload = {
-            "format_version": ckpt.FORMAT_VERSION, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "epoch_progress": dict(progress), "metrics": metrics, "steps": steps, "best_top1_err": best_err,
-            "rng": ckpt.rng_state(), "config": config, "classes": classes,
-        }
-        path = ckpt.save_checkpoint(payload, os.path.join(out_dir, ckpt.LAST))
-        if best:
-            ckpt.link_checkpoint(path, os.path.join(out_dir, ckpt.BEST))
-        write_csv(os.path.join(out_dir, "steps.csv"), steps) if steps else None
-        return path
 
-    def stop_agreed(flag):
-        """Every process stops at the same step (DDP would hang otherwise)."""
-        dist = _dist()
-        if dist is None:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+# ---------------------------------------------------------------------------
+# The step, the epoch, the end of an epoch
+# ---------------------------------------------------------------------------
 
-    # --- the loop -----------------------------------------------------------
+def train_step(s, state, batch):
+    """One SGD step on `batch`; returns (the loss, still on the device; images).
+    Nothing in it reads a device value on the host (fp16's GradScaler aside:
+    PyTorch's scaler.step reads its inf check)."""
+    x, y = batch
+    x = x.to(s.device, non_blocking=True)
+    if s.args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with s.autocast():
+        logits = s.model(x)
+    loss = F.cross_entropy(logits.float(), y.to(logits.device, non_blocking=True))
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss.detach(), len(y)
+
+
+class GraphedTrainStep:
+    """--cuda-graphs: forward, loss, backward and the SGD update captured as
+    one CUDA graph and replayed for every batch, the way PyTorch documents
+    whole-network capture (torch.cuda.graphs): warm-up iterations on a side
+    stream, static input and target buffers the batches are copied into, the
+    gradients set to None before capture so that backward allocates them in
+    the graph's private pool. The first WARMUP steps are ordinary training
+    steps run on the side stream; the graph is captured at the next one and
+    captured again after the scheduler changes the learning rate (the update
+    bakes the rate in as a kernel argument)."""
+
+    WARMUP = 3
+
+    def __init__(self, s, state):
+        self.s, self.state = s, state
+        self.warm = 0
+        self.graph = None
+        self.lr = None
+        self.static = None  # (x, y, loss)
+
+    def __call__(self, s, state, batch):
+        x, y = batch
+        if self.graph is None or self.lr != state.lr:
+            if self.warm < self.WARMUP:
+                self.warm += 1
+                side = torch.cuda.Stream(s.device)
+                side.wait_stream(torch.cuda.current_stream(s.device))
+                with torch.cuda.stream(side):
+                    loss, n = train_step(s, state, batch)
+                current = torch.cuda.current_stream(s.device)
+                current.wait_stream(side)
+                loss.record_stream(current)  # summed on the current stream after the side stream made it
+                return loss, n
+            self._capture(x, y)
+        static_x, static_y, static_loss = self.static
+        static_x.copy_(x, non_blocking=True)
+        static_y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        return static_loss, len(y)
+
+    def _capture(self, x, y):
+        s, state = self.s, self.state
+        fmt = torch.channels_last if s.args.channels_last else torch.contiguous_format
+        static_x = torch.empty_like(x, device=s.device, memory_format=fmt)
+        static_y = torch.empty_like(y, device=s.device)
+        state.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with s.autocast():
+                logits = s.model(static_x)
+            static_loss = F.cross_entropy(logits.float(), static_y)
+            static_loss.backward()
+            state.optimizer.step()
+        self.static = (static_x, static_y, static_loss.detach())
+        self.lr = state.lr
+
+
+def train_epoch(s, state, stopper):
+    """Trains from the state's position to the end of its epoch, or to a stop;
+    returns the stop's reason (None at the end of the epoch)."""
     from tqdm import tqdm
-    status = 0
-    if args.max_steps is not None and global_step >= args.max_steps:
-        say(f"--max-steps {args.max_steps}: already reached (step {global_step}); nothing to do")
-        return 0
-    with GracefulStop(announce=main_proc) as stopper:
-        while epoch < args.epochs:
-            sampler.set_position(epoch, step_in_epoch * args.batch_size)
-            model.train()
-            bar = tqdm(total=batches_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=not main_proc or args.no_progress, dynamic_ncols=True, leave=True)
-            window_loss, window_n = torch.zeros((), dtype=torch.float64, device=device), 0
-            stop_reason = None
-            t_start = time.perf_counter() - progress["time_s"]
-            it = iter(train_loader) if step_in_epoch < batches_per_epoch else iter(())
-            for batch in it:
-                if batch is not None:
-                    x, y = batch
-                    x = x.to(device, non_blocking=True)
-                    if args.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast():
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y.to(logits.device, non_blocking=True))
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    window_loss += loss.detach().double() * len(y)
-                    window_n += len(y)
-                    progress["images"] += len(y)
-                step_in_epoch += 1
-                global_step += 1
-                last_in_epoch = step_in_epoch >= batches_per_epoch
-                if window_n and (global_step % log_every == 0 or last_in_epoch):
-                    mean = window_loss.item() / window_n
-                    if not math.isfinite(mean):
-                        bar.close()
-                        raise FloatingPointError(f"the training loss is {mean} at step {global_step}: lower "
-                                                 f"--lr (now {optimizer.param_groups[0]['lr']:g})")
-                    progress["loss_sum"] += window_loss.item()
-                    lr = optimizer.param_groups[0]["lr"]
-                    elapsed = time.perf_counter() - t_start
-                    steps.append(dict(step=global_step, epoch=epoch + step_in_epoch / batches_per_epoch,
-                                      loss=mean, lr=lr))
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}",
-                                    img_s=f"{progress['images'] * info.world_size / max(elapsed, 1e-9):.1f}")
-                    window_loss.zero_()
-                    window_n = 0
-                bar.update(1)
-                progress["time_s"] = time.perf_counter() - t_start
-                if stop_agreed(stopper.requested):
-                    stop_reason = signal.Signals(stopper.signum).name if stopper.signum else "signal on another rank"
-                elif args.max_steps is not None and global_step >= args.max_steps:
-                    stop_reason = f"--max-steps {args.max_steps}"
-                if stop_reason or last_in_epoch:
-                    break
-                if args.checkpoint_every and global_step % args.checkpoint_every == 0:
-                    save()
-            bar.close()
-            del it
-            if window_n:  # the window a stop cut short
-                progress["loss_sum"] += window_loss.item()
-            if stop_reason:
-                path = save()
-                say(f"stopped ({stop_reason}) at epoch {epoch + 1}, step {step_in_epoch}/{batches_per_epoch}; "
-                    f"checkpoint {path}; continue with --resume {path}")
-                if stopper.signum:
-                    status = 128 + stopper.signum
+    s.sampler.set_position(state.epoch, state.step_in_epoch * s.args.batch_size)
+    s.model.train()
+    bar = tqdm(total=s.batches_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{s.args.epochs}",
+               disable=not s.main_proc or s.args.no_progress, dynamic_ncols=True, leave=True)
+    window = LossWindow(s.device)
+    clock = time.perf_counter() - state.epoch_progress["time_s"]  # the epoch's start, as if never interrupted
+    stop_reason = None
+    batches = iter(s.train_loader) if state.step_in_epoch < s.batches_per_epoch else iter(())
+    try:
+        for batch in batches:
+            if batch is not None:
+                loss, n = s.step(s, state, batch)
+                window.add(loss, n)
+                state.epoch_progress["images"] += n
+            state.step_in_epoch += 1
+            state.global_step += 1
+            stop_reason = after_step(s, state, stopper, window, bar, clock)
+            if stop_reason or state.step_in_epoch >= s.batches_per_epoch:
                 break
+        record_windows(s, state, window.ready(wait=True), bar, clock)
+        state.epoch_progress["loss_sum"] += window.take_partial()  # the window a stop cut short
+    finally:
+        bar.close()
+        del batches
+    return stop_reason
 
-            # --- end of epoch: evaluate, schedule, record, checkpoint --------
-            val = evaluate(net, val_loader, device, autocast, args.channels_last, args.limit_val_batches)
-            images = progress["images"] * info.world_size
-            row = dict(epoch=epoch + 1, train_loss=progress["loss_sum"] / max(1, progress["images"]), **val,
-                       images_per_s=images / max(progress["time_s"], 1e-9),
-                       lr=optimizer.param_groups[0]["lr"], epoch_time_s=progress["time_s"])
-            metrics.append(row)
-            scheduler.step(val["val_top1_err"])
-            is_best = best_err is None or val["val_top1_err"] < best_err
-            if is_best:
-                best_err = val["val_top1_err"]
-            say(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
-                f"{row['val_loss']:.4f}, top-1 err {100 * row['val_top1_err']:.2f}%, top-5 err "
-                f"{100 * row['val_top5_err']:.2f}%, {row['images_per_s']:.1f} images/s, lr {row['lr']:.3g}")
-            epoch, step_in_epoch = epoch + 1, 0
-            progress = dict(loss_sum=0.0, images=0, time_s=0.0)
-            save(best=is_best)
-            if main_proc:
-                write_csv(os.path.join(out_dir, "metrics.csv"), metrics)
-                if args.plot:
-                    write_plot(os.path.join(out_dir, "curves.png"), metrics, steps)
-            if stop_agreed(stopper.requested):
-                say(f"stopped ({signal.Signals(stopper.signum).name}) after epoch {epoch}; checkpoint "
-                    f"{os.path.join(out_dir, ckpt.LAST)}")
-                status = 128 + stopper.signum
-                break
-        else:
-            say(f"done: {args.epochs} epochs; metrics in {os.path.join(out_dir, 'metrics.csv')}")
-    return status
+
+def after_step(s, state, stopper, window, bar, clock):
+    """A step's bookkeeping: log windows, progress, the stop decision, periodic
+    checkpoints. Reads nothing from the device except at a checkpoint."""
+    last_in_epoch = state.step_in_epoch >= s.batches_per_epoch
+    if window.n and (state.global_step % s.log_every == 0 or last_in_epoch):
+        window.close(dict(step=state.global_step, epoch=state.epoch + state.step_in_epoch / s.batches_per_epoch,
+                          lr=state.lr))
+    record_windows(s, state, window.ready(), bar, clock)
+    bar.update(1)
+    state.epoch_progress["time_s"] = time.perf_counter() - clock
+    if s.stop.due(state.global_step, last_in_epoch) and s.stop.agreed(stopper.requested):
+        return signal.Signals(stopper.signum).name if stopper.signum else "signal on another rank"
+    if s.args.max_steps is not None and state.global_step >= s.args.max_steps:
+        return f"--max-steps {s.args.max_steps}"
+    if not last_in_epoch and s.args.checkpoint_every and state.global_step % s.args.checkpoint_every == 0:
+        record_windows(s, state, window.ready(wait=True), bar, clock)
+        save(s, state)
+    return None
+
+
+def record_windows(s, state, windows, bar, clock):
+    """Appends closed log windows to steps.csv's rows and the epoch's loss sum."""
+    for loss_sum, n, record in windows:
+        mean = loss_sum / n
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"the training loss is {mean} at step {record['step']}: lower "
+                                     f"--lr (now {record['lr']:g})")
+        state.epoch_progress["loss_sum"] += loss_sum
+        state.steps.append(dict(step=record["step"], epoch=record["epoch"], loss=mean, lr=record["lr"]))
+        rate = state.epoch_progress["images"] * s.info.world_size / max(time.perf_counter() - clock, 1e-9)
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{rate:.1f}")
+
+
+def end_of_epoch(s, state):
+    """Evaluate, schedule the learning rate, record, checkpoint, plot."""
+    args, progress = s.args, state.epoch_progress
+    val = evaluate(state.model, s.val_loader, s.device, s.autocast, args.channels_last, args.limit_val_batches)
+    row = dict(epoch=state.epoch + 1, train_loss=progress["loss_sum"] / max(1, progress["images"]), **val,
+               images_per_s=progress["images"] * s.info.world_size / max(progress["time_s"], 1e-9),
+               lr=state.lr, epoch_time_s=progress["time_s"])
+    state.metrics.append(row)
+    state.scheduler.step(val["val_top1_err"])
+    is_best = state.best_top1_err is None or val["val_top1_err"] < state.best_top1_err
+    if is_best:
+        state.best_top1_err = val["val_top1_err"]
+    s.say(f"epoch {state.epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, val loss "
+          f"{row['val_loss']:.4f}, top-1 err {100 * row['val_top1_err']:.2f}%, top-5 err "
+          f"{100 * row['val_top5_err']:.2f}%, {row['images_per_s']:.1f} images/s, lr {row['lr']:.3g}")
+    state.epoch, state.step_in_epoch, state.epoch_progress = state.epoch + 1, 0, fresh_progress()
+    save(s, state, best=is_best)
+    if s.main_proc:
+        write_csv(os.path.join(s.out_dir, "metrics.csv"), state.metrics)
+        if args.plot:
+            write_plot(os.path.join(s.out_dir, "curves.png"), state.metrics, state.steps)
+
+
+def save(s, state, best=False):
+    """last.pt (and best.pt) from rank 0; returns the path."""
+    if not s.main_proc:
+        return None
+    path = ckpt.save_checkpoint(ckpt.state_payload(state), os.path.join(s.out_dir, ckpt.LAST))
+    if best:
+        ckpt.link_checkpoint(path, os.path.join(s.out_dir, ckpt.BEST))
+    if state.steps:
+        write_csv(os.path.join(s.out_dir, "steps.csv"), state.steps)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+def run(args, model_fn=None):
+    """Trains as `args` says; returns the process exit status. `model_fn(args,
+    num_classes)` replaces AlexNet (tests use it for tiny models)."""
+    s, state = setup(args, model_fn)
+    if args.max_steps is not None and state.global_step >= args.max_steps:
+        s.say(f"--max-steps {args.max_steps}: already reached (step {state.global_step}); nothing to do")
+        return 0
+    with GracefulStop(announce=s.main_proc) as stopper:
+        while state.epoch < args.epochs:
+            reason = train_epoch(s, state, stopper)
+            if reason:
+                path = save(s, state)
+                s.say(f"stopped ({reason}) at epoch {state.epoch + 1}, step {state.step_in_epoch}/"
+                      f"{s.batches_per_epoch}; checkpoint {path}; continue with --resume {path}")
+                return 128 + stopper.signum if stopper.signum else 0
+            end_of_epoch(s, state)
+            if s.stop.agreed(stopper.requested):
+                s.say(f"stopped ({signal.Signals(stopper.signum).name if stopper.signum else 'signal on another rank'})"
+                      f" after epoch {state.epoch}; checkpoint {os.path.join(s.out_dir, ckpt.LAST)}")
+                return 128 + stopper.signum if stopper.signum else 0
+    s.say(f"done: {args.epochs} epochs; metrics in {os.path.join(s.out_dir, 'metrics.csv')}")
+    return 0
 
 
 def main(argv=None, model_fn=None):
