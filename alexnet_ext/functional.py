@@ -44,6 +44,8 @@ def _pair(value, name, op):
     for v in pair:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}")
+        if not -2**63 <= v < 2**63:  # the operators take int64
+            raise ValueError(f"{op}: `{name}` is out of range, got {value!r}")
     return pair
 
 
