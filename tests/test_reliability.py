@@ -146,12 +146,20 @@ def test_pool_backward_rejects_corrupted_argmax():
 
 @pytest.fixture
 def restore_fp32_precision():
-    saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision,
-             torch.backends.cudnn.fp32_precision)
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    try:
+        legacy = cudnn.allow_tf32  # raises if conv and RNN already differ
+    except RuntimeError:
+        legacy = None
     yield
-    torch.backends.cudnn.fp32_precision = saved[2]
-    torch.backends.cudnn.conv.fp32_precision = saved[0]
-    torch.backends.cudnn.rnn.fp32_precision = saved[1]
+    if legacy is not None:
+        # First: the legacy setter also sets conv and RNN; leaving its flag
+        # stale would make every later no-argument query raise.
+        cudnn.allow_tf32 = legacy
+    cudnn.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+    if legacy is not None:
+        assert cudnn.allow_tf32 == legacy
 
 
 def uses_tf32(dtype):
