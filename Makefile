@@ -49,8 +49,9 @@ cuda-check:
 
 # Builds our csrc/ (kernels and host op wrappers) into the emulator and checks
 # every op, dtype and layout against PyTorch in float64. Needs g++, the CUDA
-# headers and this Python's torch; no GPU and no installed alexnet_ext.
-emu-check:
+# headers and this Python's torch and numpy (deps); no GPU and no installed
+# alexnet_ext.
+emu-check: deps
 	@if [ -x "$(EMU_DIR)/run.sh" ]; then \
 		echo "emu-check: $(EMU_DIR)/run.sh . --suites $(EMU_SUITES)"; \
 		PYTHON="$$(command -v $(PYTHON))" "$(EMU_DIR)/run.sh" . --suites $(EMU_SUITES); \
