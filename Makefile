@@ -3,8 +3,11 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= gpu-report
 PYTEST_ARGS ?=
+# The shared SIMT emulator (runs the CUDA kernels on the CPU) lives beside the checkout.
+EMU_DIR ?= ../shared/simt-emu
+EMU_SUITES ?= self,lrn,pool,conv
 
-.PHONY: help deps install test test-cuda bench train cuda-check info gpu-report clean
+.PHONY: help deps install test test-cuda bench train cuda-check emu-check info gpu-report clean
 
 help:
 	@echo "make install     build and install alexnet_ext in editable mode (needs torch)"
@@ -12,6 +15,7 @@ help:
 	@echo "make train       short default training run on the built-in synthetic data (CPU ok)"
 	@echo "make bench       run every benchmark (CUDA rows need a GPU)"
 	@echo "make cuda-check  compile every .cu file for sm_80/sm_90, print registers and spills"
+	@echo "make emu-check   run the CUDA kernels on the CPU in $(EMU_DIR) (skipped when it is absent)"
 	@echo "make gpu-report OUT=dir  on a GPU machine: build, CUDA tests, compute-sanitizer, benchmarks"
 	@echo "make info        what was built and which GPUs are visible"
 	@echo "make clean       remove build outputs"
@@ -42,6 +46,18 @@ train: install
 
 cuda-check:
 	$(PYTHON) tools/cuda_check.py
+
+# Builds our csrc/ (kernels and host op wrappers) into the emulator and checks
+# every op, dtype and layout against PyTorch in float64. Needs g++, the CUDA
+# headers and this Python's torch and numpy (deps); no GPU and no installed
+# alexnet_ext.
+emu-check: deps
+	@if [ -x "$(EMU_DIR)/run.sh" ]; then \
+		echo "emu-check: $(EMU_DIR)/run.sh . --suites $(EMU_SUITES)"; \
+		PYTHON="$$(command -v $(PYTHON))" "$(EMU_DIR)/run.sh" . --suites $(EMU_SUITES); \
+	else \
+		echo "emu-check: skipped, $(EMU_DIR) not found (the shared SIMT emulator is not beside this checkout)"; \
+	fi
 
 info: install
 	$(PYTHON) -m alexnet_ext.info

@@ -4,7 +4,9 @@ Environment knobs (the ecosystem's usual names):
   USE_CUDA=0               build the CPU kernels only
   FORCE_CUDA=1             build the CUDA kernels even when no GPU is visible
                            (needs a CUDA build of PyTorch and nvcc)
-  TORCH_CUDA_ARCH_LIST     GPU architectures, default "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST     GPU architectures, default "8.0;9.0+PTX": sm_80 and sm_90
+                           machine code plus compute_90 PTX, which the driver
+                           JIT-compiles on GPUs newer than Hopper
   MAX_JOBS                 parallel compile jobs (ninja)
   DEBUG=1                  -O0 -g (and -G -lineinfo for device code)
   NVCC_FLAGS               extra nvcc flags
@@ -20,7 +22,10 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+# Machine code for Ampere (sm_80) and Hopper (sm_90), and the compute_90 PTX
+# ("+PTX") so that newer GPUs get a kernel image by JIT instead of
+# "no kernel image is available for execution on the device".
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def _flag(name):
@@ -51,14 +56,18 @@ def resolve_config():
         with_cuda, why = False, "nvcc not found (set CUDA_HOME)"
     else:
         with_cuda, why = True, f"PyTorch has CUDA {torch_cuda} and nvcc is at {nvcc}"
-    archs = ""
+    archs, arch_source = "", f"no CUDA kernels built (default would be {DEFAULT_ARCHS})"
     if with_cuda:
+        arch_source = "TORCH_CUDA_ARCH_LIST" if os.environ.get("TORCH_CUDA_ARCH_LIST") else "default"
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        if "+PTX" not in archs:
+            arch_source += "; no +PTX: GPUs newer than the listed ones will find no kernel image"
     return {
         "with_cuda": with_cuda,
         "reason": why,
         "cuda_archs": archs,
+        "cuda_archs_from": arch_source,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch_cuda or "",
         "debug": _flag("DEBUG"),
@@ -98,16 +107,22 @@ def make_extension(cfg):
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=extra_link)
 
 
-cfg = resolve_config()
-write_build_config(cfg)
-print("alexnet_ext build configuration:")
-for key, value in cfg.items():
-    print(f"  {key:20s} {value}")
+def print_config(cfg):
+    print("alexnet_ext build configuration:")
+    for key, value in cfg.items():
+        print(f"  {key:20s} {value}")
 
-setup(
-    name="alexnet_ext",
-    packages=find_packages(include=["alexnet_ext", "alexnet_ext.*"]),
-    ext_modules=[make_extension(cfg)],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+
+# pip's build backend runs this file as __main__; tests import it to check
+# the configuration logic without building.
+if __name__ == "__main__":
+    cfg = resolve_config()
+    write_build_config(cfg)
+    print_config(cfg)
+    setup(
+        name="alexnet_ext",
+        packages=find_packages(include=["alexnet_ext", "alexnet_ext.*"]),
+        ext_modules=[make_extension(cfg)],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )

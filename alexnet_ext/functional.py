@@ -44,6 +44,8 @@ def _pair(value, name, op):
     for v in pair:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}")
+        if not -2**63 <= v < 2**63:  # the operators take int64
+            raise ValueError(f"{op}: `{name}` is out of range, got {value!r}")
     return pair
 
 
@@ -114,9 +116,10 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, g
     ``(K,)`` or None. ``padding`` may also be ``'valid'`` or ``'same'`` (odd
     kernels, stride 1). Only ``dilation=1`` is supported. Under autocast the
     operands are cast to the autocast dtype, as ``F.conv2d`` does. On CUDA,
-    float32 runs on TF32 tensor cores when
-    ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for
-    convolutions), exactly (FFMA) otherwise.
+    float32 runs on TF32 tensor cores when PyTorch's convolution setting
+    allows it, as cuDNN convolutions do: ``torch.backends.cudnn.conv.fp32_precision``
+    (``"tf32"``, the default, or ``"ieee"``), which the legacy
+    ``torch.backends.cudnn.allow_tf32`` also sets; exactly (FFMA) otherwise.
     """
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, Tensor):

@@ -87,6 +87,8 @@ def report() -> str:
         f"CUDA kernels    {'compiled' if alexnet_ext.cuda_kernels_compiled() else 'not compiled'}"
         f" (archs: {built_archs})",
         f"CPU vector ISA  {torch.ops.alexnet_ext._cpu_isa()} (ATEN_CPU_CAPABILITY picks it, as for PyTorch)",
+        f"sync check      {'on' if torch.ops.alexnet_ext._sync_check_enabled() else 'off'}"
+        " (ALEXNET_EXT_SYNC_CHECK=1: wait for and check every CUDA kernel as it is launched)",
         "GPUs:",
         *_gpu_lines(),
         "peer-to-peer access:",

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
 
 #include "common/cpu_isa.h"
@@ -28,6 +29,16 @@ TORCH_LIBRARY(alexnet_ext, m) {
     return false;
 #endif
   });
+  // ALEXNET_EXT_SYNC_CHECK as this process read it (common/op_utils.h).
+  m.def("_sync_check_enabled() -> bool", &alexnet_ext::sync_check_enabled);
+  // Test hook: the error check_launch raises for a launcher's status (no
+  // stream: the synchronisation needs a GPU).
+  m.def("_check_launch(int status, str op, str kernel) -> ()",
+        [](int64_t status, const std::string& op, const std::string& kernel) {
+          TORCH_CHECK(status >= 0 && status <= std::numeric_limits<int>::max(), "_check_launch: `status` out of range");
+          alexnet_ext::check_launch(static_cast<alexnet_ext::LaunchStatus>(status), op.c_str(), kernel.c_str(),
+                                    nullptr);
+        });
   // Which vector ISA the channel-vectorised CPU kernels use (common/cpu_isa.h).
   m.def("_cpu_isa() -> str", []() -> std::string {
     switch (alexnet_ext::cpu_isa()) {

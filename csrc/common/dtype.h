@@ -16,4 +16,8 @@ using LaunchStatus = int;
 
 const char* cuda_error_string(LaunchStatus status);
 
+// Waits for the work queued on `stream` (a cudaStream_t) and returns the
+// first error it raised, 0 if none (ALEXNET_EXT_SYNC_CHECK).
+LaunchStatus cuda_stream_sync(void* stream);
+
 }  // namespace alexnet_ext

@@ -1,7 +1,11 @@
 #include "common/op_utils.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -77,11 +81,42 @@ void throw_no_cuda_kernels(const char* op) {
               "`pip install --no-build-isolation -e .` on a machine with CUDA");
 }
 
-void check_launch(LaunchStatus status, const char* what) {
+bool parse_env_flag(const char* value) {
+  if (value == nullptr) return false;
+  std::string v(value);
+  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return std::tolower(c); });
+  return !(v.empty() || v == "0" || v == "false" || v == "no" || v == "off");
+}
+
+bool sync_check_enabled() {
+  static const bool enabled = parse_env_flag(std::getenv("ALEXNET_EXT_SYNC_CHECK"));
+  return enabled;
+}
+
+namespace {
+std::string launch_error_text(LaunchStatus status) {
 #ifdef ALEXNET_EXT_WITH_CUDA
-  TORCH_CHECK(status == 0, "alexnet_ext: CUDA launch of ", what, " failed: ", cuda_error_string(status));
+  return cuda_error_string(status);
 #else
-  TORCH_CHECK(status == 0, "alexnet_ext: CUDA launch of ", what, " failed with error ", status);
+  return "CUDA error " + std::to_string(status);
+#endif
+}
+}  // namespace
+
+void check_launch(LaunchStatus status, const char* op, const char* kernel, void* stream) {
+  TORCH_CHECK(status == 0, op, ": CUDA kernel ", kernel, " failed to launch: ", launch_error_text(status),
+              sync_check_enabled()
+                  ? " (with ALEXNET_EXT_SYNC_CHECK=1 the alexnet_ext kernels before it were checked as they finished)"
+                  : ". A fault of a kernel that ran before is also reported at this point; run with "
+                    "ALEXNET_EXT_SYNC_CHECK=1 to check every kernel as it finishes and name the one that failed");
+#ifdef ALEXNET_EXT_WITH_CUDA
+  if (sync_check_enabled()) {
+    const LaunchStatus ran = cuda_stream_sync(stream);
+    TORCH_CHECK(ran == 0, op, ": CUDA kernel ", kernel, " failed while running: ", launch_error_text(ran),
+                " (found by ALEXNET_EXT_SYNC_CHECK=1, which waits for every kernel as it is launched)");
+  }
+#else
+  (void)stream;
 #endif
 }
 

@@ -39,7 +39,19 @@ void* current_stream(const at::Tensor& t);
 // the user-facing name, e.g. "alexnet_ext.max_pool2d".
 [[noreturn]] void throw_no_cuda_kernels(const char* op);
 
-// Throws a RuntimeError naming `what` when a launcher reported an error.
-void check_launch(LaunchStatus status, const char* what);
+// Throws a RuntimeError naming the op (e.g. "alexnet_ext.max_pool2d
+// backward") and the kernel launcher when `status` reports an error. A
+// launcher's status comes from cudaGetLastError, which also reports a fault
+// of any kernel that ran before, so with ALEXNET_EXT_SYNC_CHECK=1 this also
+// waits for `stream` after every launch: a fault inside the kernel is then
+// reported here, against the kernel that caused it (like CUDA_LAUNCH_BLOCKING,
+// and as slow; not for use while capturing a CUDA graph).
+void check_launch(LaunchStatus status, const char* op, const char* kernel, void* stream);
+
+// ALEXNET_EXT_SYNC_CHECK, read once per process (the first launch or query):
+// unset, "", "0", "false", "no" and "off" (any case) leave it off, any other
+// value turns it on.
+bool sync_check_enabled();
+bool parse_env_flag(const char* value);
 
 }  // namespace alexnet_ext

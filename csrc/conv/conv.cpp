@@ -23,6 +23,7 @@ namespace conv {
 namespace {
 
 constexpr const char* kOp = "alexnet_ext.conv2d_relu";
+constexpr const char* kOpBackward = "alexnet_ext.conv2d_relu backward";
 
 void check_pair(at::IntArrayRef v, const char* name, int64_t min) {
   TORCH_CHECK(v.size() == 2, kOp, ": `", name, "` must have 2 elements, got ", v.size());
@@ -55,6 +56,10 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
                 bias->sizes());
   }
   const int64_t H = input.size(2), W = input.size(3), R = weight.size(2), S = weight.size(3);
+  // An empty plane padded into a non-empty output has nothing to convolve
+  // (PyTorch rejects it too); an empty batch is a valid, empty call.
+  TORCH_CHECK((H > 0 && W > 0) || input.size(0) == 0, kOp, ": `input` must have a non-zero height and width ",
+              "unless the batch is empty, got shape ", input.sizes());
   TORCH_CHECK(H + 2 * padding[0] >= R && W + 2 * padding[1] >= S, kOp, ": `input` spatial size (", H, ", ", W,
               ") plus `padding` ", padding, " is smaller than the kernel (", R, ", ", S, ")");
   constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
@@ -92,6 +97,17 @@ void check_gemm_indexing(const ConvGeom& g, int64_t vec) {
 }
 
 std::vector<int64_t> output_sizes(const ConvGeom& g) { return {g.N, g.K, g.P, g.Q}; }
+
+// Whether the CUDA kernels run a `dtype` convolution on TF32 tensor cores:
+// only float32 can, and it follows PyTorch's convolution-specific setting,
+// the one cuDNN convolutions obey: torch.backends.cudnn.conv.fp32_precision
+// ("tf32" or "ieee"), which the legacy torch.backends.cudnn.allow_tf32 also
+// sets. The no-argument allowTF32CuDNN() must not be used: it throws once
+// conv and RNN precisions differ (PyTorch 2.9+), which would fail every
+// CUDA conv whatever its dtype.
+bool conv_uses_tf32(at::ScalarType dtype) {
+  return dtype == at::kFloat && at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+}
 
 // ---------------------------------------------------------------------------
 // Operand preparation shared by the CUDA path and the GEMM reference:
@@ -191,8 +207,6 @@ at::Tensor aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kVecBytes == 0 ? t : t.clone();
 }
 
-// torch.backends.cudnn.allow_tf32 (what torch._C._get_cudnn_allow_tf32 reads).
-bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
 void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const ConvGeom& orig, at::Tensor& y) {
@@ -214,8 +228,9 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   p.b = w.const_data_ptr();
   p.d = out.mutable_data_ptr();
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  p.allow_tf32 = allow_tf32();
-  check_launch(conv_gemm_cuda(dtype_tag(input.scalar_type()), p, current_stream(input)), "conv2d_relu forward");
+  p.allow_tf32 = conv_uses_tf32(input.scalar_type());
+  void* stream = current_stream(input);
+  check_launch(conv_gemm_cuda(dtype_tag(input.scalar_type()), p, stream), kOp, "conv_gemm_cuda (forward)", stream);
   if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
 }
 
@@ -244,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const at::Tensor y = to_nhwc(output, 1, orig.K).contiguous();
   at::Tensor dym = at::empty_like(dy);
   check_launch(relu_grad_cuda(dt, dy.const_data_ptr(), y.const_data_ptr(), dym.mutable_data_ptr(), dy.numel(), stream),
-               "conv2d_relu relu_grad");
+               kOpBackward, "relu_grad_cuda", stream);
   dym = aligned(pad_groups_last(dym, g.groups, g.Kg));
   const auto acc = at::toOpMathType(input.scalar_type());
   if (mask[2]) {
@@ -255,14 +270,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     at::Tensor partial = at::empty({splits, g.K}, input.options().dtype(acc));
     at::Tensor sums = at::empty({g.K}, input.options());
     check_launch(column_sum_cuda(dt, dym.const_data_ptr(), partial.mutable_data_ptr(), rows, g.K, splits, stream),
-                 "conv2d_relu bias grad");
+                 kOpBackward, "column_sum_cuda (bias gradient)", stream);
     check_launch(reduce_splits_cuda(dt, partial.const_data_ptr(), sums.mutable_data_ptr(), g.K, splits, stream),
-                 "conv2d_relu bias grad reduction");
+                 kOpBackward, "reduce_splits_cuda (bias gradient)", stream);
     db.copy_(sums.reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K}));
   }
   GemmLaunch p;
   p.g = g;
-  p.allow_tf32 = allow_tf32();
+  p.allow_tf32 = conv_uses_tf32(input.scalar_type());
   if (mask[0]) {
     const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -271,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     p.a = dym.const_data_ptr();
     p.b = wt.const_data_ptr();
     p.d = out.mutable_data_ptr();
-    check_launch(conv_gemm_cuda(dt, p, stream), "conv2d_relu dgrad");
+    check_launch(conv_gemm_cuda(dt, p, stream), kOpBackward, "conv_gemm_cuda (dgrad)", stream);
     if (!direct) dx.copy_(unpad_nhwc(out, g.groups, g.Cg, orig.Cg));
   }
   if (mask[1]) {
@@ -283,9 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     p.a = dym.const_data_ptr();
     p.b = x.const_data_ptr();
     p.d = ws.mutable_data_ptr();
-    check_launch(conv_gemm_cuda(dt, p, stream), "conv2d_relu wgrad");
+    check_launch(conv_gemm_cuda(dt, p, stream), kOpBackward, "conv_gemm_cuda (wgrad)", stream);
     check_launch(reduce_splits_cuda(dt, ws.const_data_ptr(), out.mutable_data_ptr(), out.numel(), p.splits, stream),
-                 "conv2d_relu wgrad reduction");
+                 kOpBackward, "reduce_splits_cuda (wgrad)", stream);
     dw.copy_(unpad_krsc(out, o));
   }
   return {dx, dw, db};
@@ -420,6 +435,8 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
         "-> Tensor");
   m.def("conv2d_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, int[2] stride, "
         "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Test hook: whether the CUDA kernels would use TF32 for this dtype now.
+  m.def("_conv2d_relu_uses_tf32(ScalarType dtype) -> bool", &alexnet_ext::conv::conv_uses_tf32);
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
         "int[2] padding, int groups, int vec, int splits) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -83,9 +83,9 @@ at::Tensor lrn_forward(const at::Tensor& input, int64_t size, double alpha, doub
       return y;
     }
     c10::DeviceGuard guard(x.device());
-    check_launch(lrn_forward_cuda(dtype_tag(x.scalar_type()), x.const_data_ptr(), y.mutable_data_ptr(), p,
-                                  current_stream(x)),
-                 "lrn_forward");
+    void* stream = current_stream(x);
+    check_launch(lrn_forward_cuda(dtype_tag(x.scalar_type()), x.const_data_ptr(), y.mutable_data_ptr(), p, stream),
+                 "alexnet_ext.local_response_norm", "lrn_forward_cuda", stream);
 #endif
     return y;
   }
@@ -114,9 +114,10 @@ at::Tensor lrn_backward(const at::Tensor& grad_output, const at::Tensor& input, 
       return dx;
     }
     c10::DeviceGuard guard(x.device());
+    void* stream = current_stream(x);
     check_launch(lrn_backward_cuda(dtype_tag(x.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
-                                   dx.mutable_data_ptr(), p, current_stream(x)),
-                 "lrn_backward");
+                                   dx.mutable_data_ptr(), p, stream),
+                 "alexnet_ext.local_response_norm backward", "lrn_backward_cuda", stream);
 #endif
     return dx;
   }

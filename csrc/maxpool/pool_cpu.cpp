@@ -289,6 +289,8 @@ void backward_scatter(const scalar_t* dy, const off_t* argmax, scalar_t* dx, con
       const off_t* as = argmax + s * out_size;
       accumulate_into(dx + s * in_size, in_size, scratch, [&](acc* sum) {
         if (C == 1) {
+          // Offsets index memory here: pool.cpp checked that each names a
+          // position inside the image (check_argmax_offsets).
           for (int oh = 0; oh < g.out_h; ++oh) {
             const int64_t h0 = window_start(oh, g.sh, g.ph);
             for (int ow = 0; ow < g.out_w; ++ow) {

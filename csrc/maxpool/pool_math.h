@@ -55,11 +55,17 @@ AX_HD int window_start(int o, int s, int p) { return o * s - p; }
 
 // The outputs [*lo, *hi] whose windows contain input index i along one
 // axis: o*s - p <= i < o*s - p + k. Empty when *lo > *hi.
+// No intermediate may overflow for any i, k, s, p the op accepts (each up to
+// INT_MAX, 0 <= p <= k/2, out >= 1): the first output is ceil(a / s) for
+// a = i - (k - 1 - p), written (a - 1) / s + 1 (a + s - 1 wrapped for
+// strides near INT_MAX and read the row before the plane), and the last is
+// floor((i + p) / s) in unsigned arithmetic (i + p < 2^32). Both stay 32-bit
+// divisions, which is what the CUDA gather runs per input element.
 AX_HD void covering_outputs(int i, int k, int s, int p, int out, int* lo, int* hi) {
-  const int a = i + p - k + 1;  // smallest o*s allowed
-  *lo = a <= 0 ? 0 : (a + s - 1) / s;
-  const int b = (i + p) / s;  // i + p >= 0 always
-  *hi = b < out - 1 ? b : out - 1;
+  const int a = i - (k - 1 - p);  // smallest o*s allowed; k - 1 - p >= 0
+  *lo = a <= 0 ? 0 : (a - 1) / s + 1;
+  const unsigned b = (static_cast<unsigned>(i) + static_cast<unsigned>(p)) / static_cast<unsigned>(s);
+  *hi = b < static_cast<unsigned>(out) ? static_cast<int>(b) : out - 1;
 }
 
 // Does `v` replace the running maximum `m`? (v != v is isnan without <cmath>;
