@@ -266,6 +266,12 @@ struct ChannelWalk {
   int segment;          // channels per blockIdx.y
   Coefs<float> host_coefs;
 
+  // Output channels [c_begin, c_end) of this block's segment.
+  __device__ __forceinline__ void segment_bounds(int& c_begin, int& c_end) const {
+    c_begin = static_cast<int>(blockIdx.y) * segment;
+    c_end = ax_min(c_begin + segment, channels);
+  }
+
   // Channel-0 offset of the thread's first pixel in tile t, and which of its
   // pixels exist (the others are neither loaded nor stored).
   __device__ __forceinline__ int tile_offset(int t, bool (&ok)[kPix]) const {
@@ -282,8 +288,8 @@ struct ChannelWalk {
     using W = Window<kSize>;
     const Coefs<acc> coefs = walk_coefs<kBeta34>(host_coefs);
     const int C = channels, P = inner;
-    const int c_begin = static_cast<int>(blockIdx.y) * segment;
-    const int c_end = ax_min(c_begin + segment, C);
+    int c_begin, c_end;
+    segment_bounds(c_begin, c_end);
     const int c_full = ax_min(c_end, C - W::after);  // outputs whose lead channel is inside
     for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
       bool ok[kPix];
@@ -384,8 +390,8 @@ struct ChannelWalk {
     using W = Window<kSize>;
     const Coefs<acc> coefs = walk_coefs<kBeta34>(host_coefs);
     const int C = channels, P = inner;
-    const int c_begin = static_cast<int>(blockIdx.y) * segment;
-    const int c_end = ax_min(c_begin + segment, C);
+    int c_begin, c_end;
+    segment_bounds(c_begin, c_end);
     const int m_first = c_begin - W::after, m_out = c_begin + W::before, m_last = c_end + W::before;
     const int m_full = ax_max(m_out, ax_min(m_last, C - W::after));
     for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
