@@ -95,5 +95,7 @@ def main(argv=None):
     report.write(plot=("shape", "frac_copy_bw", "impl") if device == "cuda" else ("mode", "ms", "impl"))
 
 
+
 if __name__ == "__main__":
     main()
+    harness.print_sass_model("lrn")

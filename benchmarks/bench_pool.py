@@ -143,5 +143,7 @@ def main(argv=None):
     report.write(plot=("case", "frac_copy_bw" if device == "cuda" else "ms", "impl"))
 
 
+
 if __name__ == "__main__":
     main()
+    harness.print_sass_model("pool")

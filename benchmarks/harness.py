@@ -222,3 +222,16 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
+
+
+def print_sass_model(op):
+    """Prints the static SASS model of the op's CUDA kernels
+    (tools/sass_model.py): no GPU needed; it says so and returns when
+    nvcc/cuobjdump are missing, and never fails a benchmark run."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    try:
+        import sass_model
+        sass_model.main(["--op", op])
+    except Exception as err:
+        print(f"sass_model: skipped ({type(err).__name__}: {err})")

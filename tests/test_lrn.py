@@ -53,6 +53,19 @@ def test_alexnet_hyper_parameters(device, beta):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("size", [3, 5, 7, 9])
+def test_alexnet_channels_every_window_path(device, dtype, layout, size):
+    # 96 channels: the CUDA kernels' compile-time windows (3/5/7/9) with
+    # beta = 0.75, 16-byte vector rows in channels_last (96 % 8 == 0), and an
+    # odd pixel count (35) for the NCHW tiles' edge.
+    x = random_input((2, 96, 5, 7), dtype, device, layout, scale=3.0, requires_grad=True)
+    check_against_reference(lambda t: local_response_norm(t, size, 1e-3, 0.75, 2.0),
+                            lambda t: F.local_response_norm(t, size, 1e-3, 0.75, 2.0), [x], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_float16_large_values_do_not_overflow(device):
     # x*x overflows float16 above ~256; we accumulate in float32.
     x = random_input((2, 8, 4, 4), torch.float16, device, scale=2000.0, requires_grad=True)

@@ -1,6 +1,29 @@
 // LRN CUDA kernels: one pass over memory forward (read x, write y) and one
-// kernel backward (read x and dy, write dx), no scale tensor.
+// kernel backward (read x and dy, write dx), no scale tensor. Window sums
+// are always taken directly over the window (lrn_math.h says why).
 //
+// Three ways to cut the work, chosen on the host (lrn_forward_cuda):
+//   - ChannelWalk (NCHW, window 3/5/7/9, float/half/bfloat16, 32-bit
+//     offsets): one thread per pixel (kPix of them, a block's pixels apart,
+//     so every load is coalesced) walks a segment of the channels, keeping
+//     the window's x values in registers. Each step loads one new channel
+//     per pixel: no shared memory, no barrier, no runtime division. The
+//     segment's window halo (size - 1 channels) is re-read by the
+//     neighbouring segment, from L2.
+//   - ChunkWalk (channels_last, same windows): a thread owns kVec
+//     consecutive channels of one pixel (16 bytes: one vector load when the
+//     row is aligned) and reads the few halo channels of its neighbours
+//     (L1 hits). Backward exchanges the edge terms of its window sum with
+//     the neighbouring threads through shared memory instead of recomputing
+//     them. A block is (chunks of one pixel) x (pixels), so the neighbours
+//     are always in the block.
+//   - TileWalk: the exact generic fallback (any window up to kMaxCudaWindow,
+//     float64, tensors past 2^31 elements): shared-memory tiles, int64
+//     offsets, described below.
+//
+// Every kernel is a grid-stride loop over blockIdx.x.
+//
+// TileWalk in detail:
 // A block owns a tile of kTileChannels output channels x kTilePixels pixels
 // of one image. It stages the input rows the tile's windows need (the tile
 // plus its halo of size-1 channels) in shared memory, then takes every
@@ -14,6 +37,9 @@
 // varies fastest across threads. The shared-memory pitch kTilePixels + 1 is
 // odd, so walking a row or a column of the tile is free of bank conflicts
 // for either mapping.
+#include <cstdint>
+#include <type_traits>
+
 #include "common/cuda_utils.cuh"
 #include "lrn/lrn_cuda.h"
 
@@ -113,8 +139,7 @@ __device__ __forceinline__ acc column_sum(const acc* tile, int row, int count, i
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    lrn_forward_kernel(const T* __restrict__ x, T* __restrict__ y, const LrnParams p, const TileGrid g) {
+__device__ void tiled_forward(const T* __restrict__ x, T* __restrict__ y, const LrnParams& p, const TileGrid& g) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc* xs = reinterpret_cast<acc*>(smem);  // channels [c0 - before, c0 + kTileChannels + after)
@@ -141,9 +166,8 @@ __global__ void __launch_bounds__(kThreads)
 // Phase 1 turns the staged dy rows into t in place and keeps dy*s^-beta for
 // the tile's own channels; phase 2 sums t over each R(i).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    lrn_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const LrnParams p,
-                        const TileGrid g) {
+__device__ void tiled_backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                               const LrnParams& p, const TileGrid& g) {
   using acc = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int before = window_before(p.size), after = window_after(p.size);
@@ -186,42 +210,521 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+
+// ---------------------------------------------------------------------------
+// Fast paths: compile-time window, 32-bit offsets.
+
+template <int kSize>
+struct Window {
+  static constexpr int before = kSize / 2;       // window_before(kSize)
+  static constexpr int after = (kSize - 1) / 2;  // window_after(kSize)
+};
+
+// The walks' coefficients, computed once on the host (make_coefs divides in
+// double), with beta == 0.75 known at compile time (the host picks kBeta34
+// by the same test), so the branch in inv_pow_and_over_s folds away.
+template <bool kBeta34>
+__device__ __forceinline__ Coefs<float> walk_coefs(Coefs<float> c) {
+  c.fast_three_quarters = kBeta34;
+  return c;
+}
+
+// Shifts a register window one place towards index 0 and puts `v` last.
+template <int N, typename acc>
+__device__ __forceinline__ void shift_in(acc (&w)[N], acc v) {
+#pragma unroll
+  for (int i = 0; i + 1 < N; ++i) w[i] = w[i + 1];
+  w[N - 1] = v;
+}
+
+// Direct sum of squares (and plain sum) of N registers starting at `first`.
+template <int N, typename acc>
+__device__ __forceinline__ acc sum_sq(const acc* first) {
+  acc s = first[0] * first[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) s += first[i] * first[i];
+  return s;
+}
+template <int N, typename acc>
+__device__ __forceinline__ acc sum_of(const acc* first) {
+  acc s = first[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) s += first[i];
+  return s;
+}
+
+// NCHW. Grid: x strides over tiles of kBlock * kPix pixels of one image (a
+// thread's kPix pixels are kBlock apart, so one address serves all of them
+// and each warp access is contiguous), y = channel segment.
+template <int kSize, int kPix, bool kBeta34>
+struct ChannelWalk {
+  static constexpr int kBlock = 64;  // threads per block
+  int tiles;            // N * tiles_per_image
+  int tiles_per_image;  // ceil(P / (kBlock * kPix))
+  int channels;         // C; N * C * P fits an int
+  int inner;            // P
+  int segment;          // channels per blockIdx.y
+  Coefs<float> host_coefs;
+
+  // Output channels [c_begin, c_end) of this block's segment.
+  __device__ __forceinline__ void segment_bounds(int& c_begin, int& c_end) const {
+    c_begin = static_cast<int>(blockIdx.y) * segment;
+    c_end = ax_min(c_begin + segment, channels);
+  }
+
+  // Channel-0 offset of the thread's first pixel in tile t, and which of its
+  // pixels exist (the others are neither loaded nor stored).
+  __device__ __forceinline__ int tile_offset(int t, bool (&ok)[kPix]) const {
+    const int n = t / tiles_per_image;  // once per tile
+    const int pix = (t - n * tiles_per_image) * (kBlock * kPix) + static_cast<int>(threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < kPix; ++j) ok[j] = pix + j * kBlock < inner;
+    return n * channels * inner + pix;
+  }
+
+  template <typename T>
+  __device__ void forward(const T* __restrict__ x, T* __restrict__ y, const LrnParams& p) const {
+    using acc = acc_t<T>;
+    using W = Window<kSize>;
+    const Coefs<acc> coefs = walk_coefs<kBeta34>(host_coefs);
+    const int C = channels, P = inner;
+    int c_begin, c_end;
+    segment_bounds(c_begin, c_end);
+    const int c_full = ax_min(c_end, C - W::after);  // outputs whose lead channel is inside
+    for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
+      bool ok[kPix];
+      const int base = tile_offset(t, ok);
+      // win[j][w] = x[c - before + w] of pixel j for the output channel c about to be written.
+      acc win[kPix][kSize];
+#pragma unroll
+      for (int j = 0; j < kPix; ++j) {
+#pragma unroll
+        for (int w = 0; w < kSize; ++w) {
+          const int c = c_begin - 1 - W::before + w;
+          win[j][w] = (ok[j] && c >= 0 && c < C) ? to_acc(x[base + c * P + j * kBlock]) : acc(0);
+        }
+      }
+      const auto emit = [&](int c) {
+        T out[kPix];  // all values first, then plain predicated stores (no branches)
+#pragma unroll
+        for (int j = 0; j < kPix; ++j) {
+          const acc s = denominator_base(sum_sq<kSize>(win[j]), coefs);
+          out[j] = from_acc<T>(win[j][W::before] * inv_pow_and_over_s(s, coefs).inv_pow);
+        }
+#pragma unroll
+        for (int j = 0; j < kPix; ++j)
+          if (ok[j]) y[base + c * P + j * kBlock] = out[j];
+      };
+      int c = c_begin;
+      int lead = (c_begin + W::after) * P;
+#pragma unroll kSize  // a multiple of kSize: the register window rotates back in place, no moves
+      for (; c < c_full; ++c, lead += P) {
+        acc v[kPix];  // all loads of the step first: kPix in flight
+#pragma unroll
+        for (int j = 0; j < kPix; ++j) v[j] = ok[j] ? to_acc(x[base + lead + j * kBlock]) : acc(0);
+#pragma unroll
+        for (int j = 0; j < kPix; ++j) shift_in(win[j], v[j]);
+        emit(c);
+      }
+      for (; c < c_end; ++c, lead += P) {
+        const bool inside = c + W::after < C;
+#pragma unroll
+        for (int j = 0; j < kPix; ++j) shift_in(win[j], inside && ok[j] ? to_acc(x[base + lead + j * kBlock]) : acc(0));
+        emit(c);
+      }
+    }
+  }
+
+  // Step m computes t[m] (its forward window is x[m - before .. m + after])
+  // and, once t[i + before] exists, dx[i] for i = m - before:
+  //   xw[j][w] = x[m - before + w]   (so xw[j][0] = x[i])
+  //   tw[j][w] = t[m - kSize + 1 + w] (= t[i - after .. i + before], R(i))
+  //   dip[j][w] = dy * s^-beta of channel m - before + w
+  template <typename T>
+  struct BackwardState {
+    using acc = acc_t<T>;
+    using W = Window<kSize>;
+    acc xw[kPix][kSize], tw[kPix][kSize], dip[kPix][W::before + 1];
+    int base;
+    bool ok[kPix];
+
+    // kMain: every load is inside the tensor (no checks); kOut: dx[m - before] is written.
+    template <bool kMain, bool kOut>
+    __device__ __forceinline__ void step(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                         int m, int C, int P, const Coefs<acc>& coefs) {
+      const bool load_x = kMain || m + W::after < C;
+      const bool has_t = kMain || (m >= 0 && m < C);
+      acc xv[kPix], dyv[kPix];
+#pragma unroll
+      for (int j = 0; j < kPix; ++j) {
+        xv[j] = load_x && ok[j] ? to_acc(x[base + (m + W::after) * P + j * kBlock]) : acc(0);
+        dyv[j] = has_t && ok[j] ? to_acc(dy[base + m * P + j * kBlock]) : acc(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kPix; ++j) {
+        shift_in(xw[j], xv[j]);
+        acc t = 0, d = 0;
+        if (has_t) {
+          const InvPow<acc> ip = inv_pow_and_over_s(denominator_base(sum_sq<kSize>(xw[j]), coefs), coefs);
+          t = dyv[j] * xw[j][W::before] * ip.inv_pow_over_s;
+          d = dyv[j] * ip.inv_pow;
+        }
+        shift_in(tw[j], t);
+        shift_in(dip[j], d);
+      }
+      if (kOut) {
+        T out[kPix];
+#pragma unroll
+        for (int j = 0; j < kPix; ++j) out[j] = from_acc<T>(grad_input(dip[j][0], xw[j][0], sum_of<kSize>(tw[j]), coefs));
+#pragma unroll
+        for (int j = 0; j < kPix; ++j)
+          if (ok[j]) dx[base + (m - W::before) * P + j * kBlock] = out[j];
+      }
+    }
+  };
+
+  template <typename T>
+  __device__ void backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                           const LrnParams& p) const {
+    using acc = acc_t<T>;
+    using W = Window<kSize>;
+    const Coefs<acc> coefs = walk_coefs<kBeta34>(host_coefs);
+    const int C = channels, P = inner;
+    int c_begin, c_end;
+    segment_bounds(c_begin, c_end);
+    const int m_first = c_begin - W::after, m_out = c_begin + W::before, m_last = c_end + W::before;
+    const int m_full = ax_max(m_out, ax_min(m_last, C - W::after));
+    for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
+      BackwardState<T> st;
+      st.base = tile_offset(t, st.ok);
+#pragma unroll
+      for (int j = 0; j < kPix; ++j) {
+#pragma unroll
+        for (int w = 0; w < kSize; ++w) {
+          const int c = m_first - 1 - W::before + w;
+          st.xw[j][w] = (st.ok[j] && c >= 0 && c < C) ? to_acc(x[st.base + c * P + j * kBlock]) : acc(0);
+          st.tw[j][w] = acc(0);
+        }
+#pragma unroll
+        for (int w = 0; w <= W::before; ++w) st.dip[j][w] = acc(0);
+      }
+      // Outputs start at m_out; the steps before only fill the windows.
+      int m = m_first;
+      for (; m < m_out; ++m) st.template step<false, false>(dy, x, dx, m, C, P, coefs);
+#pragma unroll kSize
+      for (; m < m_full; ++m) st.template step<true, true>(dy, x, dx, m, C, P, coefs);
+      for (; m < m_last; ++m) st.template step<false, true>(dy, x, dx, m, C, P, coefs);
+    }
+  }
+};
+
+// 16-byte vectors of T, for aligned channels_last rows.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int n = 16 / sizeof(T);
+  T v[n];
+};
+
+// channels_last. Block (chunks, pixels per block); thread x owns channels
+// [x * kVec, x * kVec + kVec) of pixel blockIdx.x * blockDim.y + y (grid-
+// stride). kVector: C % kVec == 0 and 16-byte aligned rows, so the own
+// channels are one vector load/store; else scalar, masked at C.
+template <int kSize, int kVec, bool kVector, bool kBeta34>
+struct ChunkWalk {
+  int pixels;    // N * P
+  int channels;  // C
+  Coefs<float> host_coefs;
+  static_assert(Window<kSize>::before <= kVec && Window<kSize>::after <= kVec, "halo wider than a neighbour");
+
+  // win[w] = x[c0 - lo + w] for w < lo + kVec + hi, zero outside [0, C).
+  template <typename T, int kLo, int kHi>
+  __device__ __forceinline__ void load_row(const T* __restrict__ row, int c0, acc_t<T> (&win)[kLo + kVec + kHi]) const {
+    const int C = channels;
+    if constexpr (kVector) {
+      const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(row + c0);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) win[kLo + e] = to_acc(v.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) win[kLo + e] = c0 + e < C ? to_acc(row[c0 + e]) : acc_t<T>(0);
+    }
+#pragma unroll
+    for (int d = 0; d < kLo; ++d) {
+      const int c = c0 - kLo + d;
+      win[d] = c >= 0 ? to_acc(row[c]) : acc_t<T>(0);
+    }
+#pragma unroll
+    for (int d = 0; d < kHi; ++d) {
+      const int c = c0 + kVec + d;
+      win[kLo + kVec + d] = c < C ? to_acc(row[c]) : acc_t<T>(0);
+    }
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void store_row(T* __restrict__ row, int c0, const acc_t<T> (&out)[kVec]) const {
+    if constexpr (kVector) {
+      Vec16<T> v;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) v.v[e] = from_acc<T>(out[e]);
+      *reinterpret_cast<Vec16<T>*>(row + c0) = v;
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        if (c0 + e < channels) row[c0 + e] = from_acc<T>(out[e]);
+    }
+  }
+
+  template <typename T>
+  __device__ void forward(const T* __restrict__ x, T* __restrict__ y, const LrnParams& p) const {
+    using acc = acc_t<T>;
+    using W = Window<kSize>;
+    const Coefs<acc> coefs = walk_coefs<kBeta34>(host_coefs);
+    const int c0 = static_cast<int>(threadIdx.x) * kVec;
+    const int stride = static_cast<int>(gridDim.x * blockDim.y);
+    for (int pix = static_cast<int>(blockIdx.x * blockDim.y + threadIdx.y); pix < pixels; pix += stride) {
+      const int base = pix * channels;
+      acc win[W::before + kVec + W::after];
+      load_row<T, W::before, W::after>(x + base, c0, win);
+      acc out[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        out[e] = win[W::before + e] * inv_pow_and_over_s(denominator_base(sum_sq<kSize>(win + e), coefs), coefs).inv_pow;
+      store_row(y + base, c0, out);
+    }
+  }
+
+  // t = dy * x * s^-beta / s of the own channels; R(i) also needs the last
+  // `after` t of the left neighbour and the first `before` of the right one,
+  // which come through shared memory (same block by construction).
+  template <typename T>
+  __device__ void backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                           const LrnParams& p) const {
+    using acc = acc_t<T>;
+    using W = Window<kSize>;
+    __shared__ acc head[kThreads][W::before];  // first `before` t of each thread
+    __shared__ acc tail[kThreads][W::after];   // last `after` t
+    const Coefs<acc> coefs = walk_coefs<kBeta34>(host_coefs);
+    const int c0 = static_cast<int>(threadIdx.x) * kVec;
+    const int tid = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+    const bool has_left = threadIdx.x > 0, has_right = threadIdx.x + 1 < blockDim.x;
+    const int stride = static_cast<int>(gridDim.x * blockDim.y);
+    // The loop condition is the same for the whole block (barriers inside).
+    for (int pix0 = static_cast<int>(blockIdx.x * blockDim.y); pix0 < pixels; pix0 += stride) {
+      const int pix = pix0 + static_cast<int>(threadIdx.y);
+      const bool active = pix < pixels;
+      const int base = active ? pix * channels : 0;
+      acc xw[W::before + kVec + W::after], dyw[kVec];  // xw[w] = x[c0 - before + w]
+      load_row<T, W::before, W::after>(x + base, c0, xw);
+      load_row<T, 0, 0>(dy + base, c0, dyw);  // zero past C, so are those t
+      acc t[kVec], dip[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const InvPow<acc> ip = inv_pow_and_over_s(denominator_base(sum_sq<kSize>(xw + e), coefs), coefs);
+        t[e] = dyw[e] * xw[W::before + e] * ip.inv_pow_over_s;
+        dip[e] = dyw[e] * ip.inv_pow;
+      }
+#pragma unroll
+      for (int d = 0; d < W::before; ++d) head[tid][d] = t[d];
+#pragma unroll
+      for (int d = 0; d < W::after; ++d) tail[tid][d] = t[kVec - W::after + d];
+      __syncthreads();
+      acc tt[W::after + kVec + W::before];  // t[c0 - after + w]
+#pragma unroll
+      for (int d = 0; d < W::after; ++d) tt[d] = has_left ? tail[tid - 1][d] : acc(0);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) tt[W::after + e] = t[e];
+#pragma unroll
+      for (int d = 0; d < W::before; ++d) tt[W::after + kVec + d] = has_right ? head[tid + 1][d] : acc(0);
+      acc out[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) out[e] = grad_input(dip[e], xw[W::before + e], sum_of<kSize>(tt + e), coefs);
+      if (active) store_row(dx + base, c0, out);
+      __syncthreads();  // the next pixels overwrite head and tail
+    }
+  }
+};
+
+// The generic path as a walk, so every path runs through the same kernels.
+struct TileWalk {
+  TileGrid g;
+  template <typename T>
+  __device__ void forward(const T* __restrict__ x, T* __restrict__ y, const LrnParams& p) const {
+    tiled_forward(x, y, p, g);
+  }
+  template <typename T>
+  __device__ void backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                           const LrnParams& p) const {
+    tiled_backward(dy, x, dx, p, g);
+  }
+};
+
+// (kThreads, 1): without the minimum-blocks hint ptxas caps some walks at 80
+// registers and spills; they need ~124.
+template <typename T, typename Walk>
+__global__ void __launch_bounds__(kThreads, 1)
+    lrn_forward_kernel(const T* __restrict__ x, T* __restrict__ y, const LrnParams p, const Walk walk) {
+  walk.forward(x, y, p);
+}
+
+// (kThreads, 1): without the minimum-blocks hint ptxas caps some walks at 80
+// registers and spills; they need ~124.
+template <typename T, typename Walk>
+__global__ void __launch_bounds__(kThreads, 1)
+    lrn_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const LrnParams p,
+                        const Walk walk) {
+  walk.backward(dy, x, dx, p);
+}
+
+// ---------------------------------------------------------------------------
+// Launch
+
 unsigned blocks_for(const TileGrid& g) {
   // Grid-stride over tiles; 2^30 blocks is far beyond any real tensor.
   return static_cast<unsigned>(g.total < (int64_t{1} << 30) ? g.total : (int64_t{1} << 30));
+}
+
+// Pixels per thread of the NCHW walk: forward keeps kSize registers per
+// pixel, backward about 2.5 kSize.
+constexpr int kForwardPix = 4, kBackwardPix = 4;
+
+// The fast paths index with int: every offset, plus a grid-stride step, must fit.
+bool fits_int32(const LrnParams& p) {
+  const int64_t limit = (int64_t{1} << 31) - int64_t{kThreads} * 65535 * 8 * kForwardPix;
+  return p.outer * p.channels * p.inner < limit;
+}
+
+// Grid-stride walks launch at most this many blocks (about 8 per SM of a
+// 132-SM GPU): each thread then walks several pixels, so its setup is
+// amortised.
+constexpr int kMaxWalkBlocks = 1024;
+
+struct Launch {
+  dim3 grid, block;
+  size_t smem = 0;
+};
+
+// Channel segments for the NCHW walk: whole columns when there are pixels
+// enough to fill the GPU, else shorter segments (more threads, each
+// re-reading a halo of size - 1 channels from L2).
+template <int kSize, int kPix, bool kBeta34>
+Launch channel_walk_launch(const LrnParams& p, ChannelWalk<kSize, kPix, kBeta34>& walk) {
+  using Walk = ChannelWalk<kSize, kPix, kBeta34>;
+  walk.channels = static_cast<int>(p.channels);
+  walk.inner = static_cast<int>(p.inner);
+  walk.tiles_per_image = static_cast<int>((p.inner + Walk::kBlock * kPix - 1) / (Walk::kBlock * kPix));
+  walk.tiles = static_cast<int>(p.outer) * walk.tiles_per_image;
+  walk.host_coefs = make_coefs<float>(p);
+  const int64_t threads = int64_t{walk.tiles} * Walk::kBlock;
+  // Enough threads for the loads in flight a GPU needs (each has kPix x kSize
+  // independent loads in its unrolled loop); more would only add halo work.
+  constexpr int64_t kWantThreads = int64_t{1} << 16;
+  int segment = walk.channels;
+  while (segment > 16 && threads * ((walk.channels + segment - 1) / segment) < kWantThreads) segment = (segment + 1) / 2;
+  walk.segment = segment;
+  Launch l;
+  l.block = dim3(Walk::kBlock);
+  l.grid = dim3(static_cast<unsigned>(ax_min(walk.tiles, kMaxWalkBlocks * (kThreads / Walk::kBlock))),
+                static_cast<unsigned>((walk.channels + segment - 1) / segment));
+  return l;
+}
+
+template <int kSize, int kVec, bool kVector, bool kBeta34>
+Launch chunk_walk_launch(const LrnParams& p, ChunkWalk<kSize, kVec, kVector, kBeta34>& walk) {
+  walk.pixels = static_cast<int>(p.outer * p.inner);
+  walk.channels = static_cast<int>(p.channels);
+  walk.host_coefs = make_coefs<float>(p);
+  const int chunks = static_cast<int>((p.channels + kVec - 1) / kVec);
+  const int per_block = kThreads / chunks;
+  Launch l;
+  l.block = dim3(chunks, per_block);
+  l.grid = dim3(grid_for(walk.pixels, per_block, kMaxWalkBlocks));
+  return l;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Calls fn(walk, launch) with the fastest walk that serves `p`. The fast
+// walks take float/half/bfloat16, windows 3, 5, 7, 9, int offsets and, for
+// channels_last, at most kThreads chunks per pixel.
+template <typename T, bool kBackward, typename Fn>
+LaunchStatus with_walk(const LrnParams& p, bool rows_aligned, Fn&& fn) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool fast = !std::is_same<T, double>::value && fits_int32(p) &&
+                    (p.size == 3 || p.size == 5 || p.size == 7 || p.size == 9) &&
+                    (!p.channels_last || (p.channels + kVec - 1) / kVec <= kThreads);
+  if constexpr (!std::is_same<T, double>::value) {
+    if (fast) {
+      const auto sized = [&](auto size_tag, auto beta_tag) -> LaunchStatus {
+        constexpr int kSize = decltype(size_tag)::value;
+        constexpr bool kBeta34 = decltype(beta_tag)::value;
+        if (p.channels_last) {
+          if (rows_aligned && p.channels % kVec == 0) {
+            ChunkWalk<kSize, kVec, true, kBeta34> walk;
+            return fn(walk, chunk_walk_launch(p, walk));
+          }
+          ChunkWalk<kSize, kVec, false, kBeta34> walk;
+          return fn(walk, chunk_walk_launch(p, walk));
+        }
+        ChannelWalk<kSize, kBackward ? kBackwardPix : kForwardPix, kBeta34> walk;
+        return fn(walk, channel_walk_launch(p, walk));
+      };
+      const auto beta_sized = [&](auto size_tag) -> LaunchStatus {
+        if (p.beta == 0.75) return sized(size_tag, std::true_type{});
+        return sized(size_tag, std::false_type{});
+      };
+      switch (p.size) {
+        case 3: return beta_sized(std::integral_constant<int, 3>{});
+        case 5: return beta_sized(std::integral_constant<int, 5>{});
+        case 7: return beta_sized(std::integral_constant<int, 7>{});
+        default: return beta_sized(std::integral_constant<int, 9>{});
+      }
+    }
+  }
+  TileWalk walk;
+  walk.g = make_grid(p);
+  Launch l;
+  l.grid = dim3(blocks_for(walk.g));
+  l.block = dim3(kThreads);
+  const int rows_t = kTileChannels + p.size - 1;
+  l.smem = (kBackward ? size_t(rows_t + p.size - 1 + rows_t + kTileChannels) : size_t(rows_t)) * kPitch *
+           sizeof(acc_t<T>);
+  return fn(walk, l);
 }
 
 }  // namespace
 
 LaunchStatus lrn_forward_cuda(DType dtype, const void* x, void* y, const LrnParams& p, void* stream) {
   if (p.size < 1 || p.size > kMaxCudaWindow) return static_cast<LaunchStatus>(cudaErrorInvalidValue);
-  const TileGrid g = make_grid(p);
-  if (g.total == 0) return 0;
+  if (p.outer * p.channels * p.inner == 0) return 0;
+  const bool aligned = aligned16(x) && aligned16(y);
   return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
-    const size_t smem = size_t(kTileChannels + p.size - 1) * kPitch * sizeof(acc_t<T>);
-    cudaError_t err = allow_dynamic_smem(lrn_forward_kernel<T>, smem);
-    if (err != cudaSuccess) return err;
-    lrn_forward_kernel<T><<<blocks_for(g), kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), static_cast<T*>(y), p, g);
-    return cudaGetLastError();
+    return with_walk<T, false>(p, aligned, [&](const auto& walk, const Launch& l) -> LaunchStatus {
+      using Walk = std::decay_t<decltype(walk)>;
+      cudaError_t err = allow_dynamic_smem(lrn_forward_kernel<T, Walk>, l.smem);
+      if (err != cudaSuccess) return err;
+      lrn_forward_kernel<T, Walk><<<l.grid, l.block, l.smem, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(x), static_cast<T*>(y), p, walk);
+      return cudaGetLastError();
+    });
   });
 }
 
 LaunchStatus lrn_backward_cuda(DType dtype, const void* dy, const void* x, void* dx, const LrnParams& p,
                                void* stream) {
   if (p.size < 1 || p.size > kMaxCudaWindow) return static_cast<LaunchStatus>(cudaErrorInvalidValue);
-  const TileGrid g = make_grid(p);
-  if (g.total == 0) return 0;
+  if (p.outer * p.channels * p.inner == 0) return 0;
+  const bool aligned = aligned16(dy) && aligned16(x) && aligned16(dx);
   return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
-    const int rows_t = kTileChannels + p.size - 1;
-    const size_t smem = size_t(rows_t + p.size - 1 + rows_t + kTileChannels) * kPitch * sizeof(acc_t<T>);
-    cudaError_t err = allow_dynamic_smem(lrn_backward_kernel<T>, smem);
-    if (err != cudaSuccess) return err;
-    lrn_backward_kernel<T><<<blocks_for(g), kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), p, g);
-    return cudaGetLastError();
+    return with_walk<T, true>(p, aligned, [&](const auto& walk, const Launch& l) -> LaunchStatus {
+      using Walk = std::decay_t<decltype(walk)>;
+      cudaError_t err = allow_dynamic_smem(lrn_backward_kernel<T, Walk>, l.smem);
+      if (err != cudaSuccess) return err;
+      lrn_backward_kernel<T, Walk><<<l.grid, l.block, l.smem, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), p, walk);
+      return cudaGetLastError();
+    });
   });
 }
 

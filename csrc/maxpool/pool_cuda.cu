@@ -1,6 +1,11 @@
 // Max-pool CUDA kernels. No PyTorch headers (see common/dtype.h); window
 // arithmetic comes from pool_math.h, the functions the CPU tests exercise.
 //
+// 3x3 / stride 2 without padding (AlexNet's pools), float/half/bfloat16,
+// 32-bit offsets: forward_3x3s2 and backward_3x3s2 below (compile-time
+// geometry, no division per element, 16-byte channel vectors in
+// channels_last). Everything else takes the general paths:
+//
 // Forward, three paths:
 //   - NCHW, 3x3 / stride 2 (AlexNet), planes that fit kStageBytes: a block
 //     copies whole consecutive planes (one contiguous, coalesced chunk) into
@@ -16,6 +21,9 @@
 // Backward: one thread per input element gathers the gradients of the
 // windows whose argmax points at it; every dx element is written exactly
 // once, with no zero-fill pass and no atomics.
+#include <cstdint>
+#include <type_traits>
+
 #include "common/cuda_utils.cuh"
 #include "maxpool/pool_cuda.h"
 #include "maxpool/pool_math.h"
@@ -158,6 +166,212 @@ __global__ void __launch_bounds__(kThreads) backward_gather(const T* __restrict_
   }
 }
 
+// ---------------------------------------------------------------------------
+// 3x3 / stride 2 / no padding, the AlexNet window, at compile time: 32-bit
+// offsets, no runtime division (FastDiv), every window load unconditional.
+
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund and
+// Montgomery): the launch's divisors are fixed, so the magic number is
+// computed once on the host.
+struct FastDiv {
+  unsigned d = 1, mul = 1, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(int divisor) : d(static_cast<unsigned>(divisor)) {
+    while ((1u << shift) < d) ++shift;
+    mul = static_cast<unsigned>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ int div(int n) const {
+    return static_cast<int>((__umulhi(static_cast<unsigned>(n), mul) + static_cast<unsigned>(n)) >> shift);
+  }
+};
+
+// Elements per thread in channels_last (a 16-byte vector of T; 1 when the
+// rows are not vector aligned).
+template <typename T, int kVec>
+struct alignas(kVec * sizeof(T)) Pack {
+  T v[kVec];
+};
+template <int kVec>
+struct alignas(kVec) BytePack {
+  uint8_t v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, kVec>*>(p);
+}
+
+// The 3x3 kernels launch at most this many blocks (about 8 per SM of a
+// 132-SM GPU) and stride over the rest, so a thread's setup (magic-number
+// divisions, parameter loads) is amortised over many items.
+constexpr int kMax3x3Blocks = 1024;
+
+struct Grid3x3 {
+  FastDiv out_w, out_h, vecs;  // vecs: channel vectors per pixel (channels_last)
+  int total;                   // threads' work items
+};
+
+// Forward, no window clipped (p = 0 and the last window ends inside), one
+// output (NCHW) or kVec channels of one output pixel (channels_last) per
+// item. Scans the window row by row with takes_max, as window_max does.
+template <typename T, bool kChannelsLast, int kVec>
+__global__ void __launch_bounds__(kThreads) forward_3x3s2(const T* __restrict__ x, T* __restrict__ y,
+                                                         uint8_t* __restrict__ argmax, const PoolGeometry g,
+                                                         const Grid3x3 grid) {
+  using acc = acc_t<T>;
+  const int stride = static_cast<int>(gridDim.x * blockDim.x);
+  for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < grid.total; i += stride) {
+    int v = 0, t = i;
+    if (kChannelsLast) {
+      t = grid.vecs.div(i);
+      v = i - t * static_cast<int>(grid.vecs.d);
+    }
+    const int q = grid.out_w.div(t), ow = t - q * g.out_w;
+    const int plane = grid.out_h.div(q), oh = q - plane * g.out_h;  // plane: n (channels_last) or n*C+c
+    acc m[kVec];
+    int best[kVec];
+    if (kChannelsLast) {
+      const int C = static_cast<int>(g.channels);
+      const int row = g.in_w * C;
+      const T* base = x + (plane * g.in_h + 2 * oh) * row + 2 * ow * C + v * kVec;
+#pragma unroll
+      for (int k = 0; k < 9; ++k) {
+        const Pack<T, kVec> p = load_pack<T, kVec>(base + (k / 3) * row + (k % 3) * C);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const acc val = to_acc(p.v[e]);
+          if (k == 0 || takes_max(val, m[e])) {
+            m[e] = val;
+            best[e] = k;
+          }
+        }
+      }
+      Pack<T, kVec> out;
+      BytePack<kVec> off;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        out.v[e] = from_acc<T>(m[e]);
+        off.v[e] = static_cast<uint8_t>(best[e]);
+      }
+      *reinterpret_cast<Pack<T, kVec>*>(y + i * kVec) = out;
+      if (argmax != nullptr) *reinterpret_cast<BytePack<kVec>*>(argmax + i * kVec) = off;
+    } else {
+      const T* base = x + (plane * g.in_h + 2 * oh) * g.in_w + 2 * ow;
+      acc w[9];
+#pragma unroll
+      for (int k = 0; k < 9; ++k) w[k] = to_acc(base[(k / 3) * g.in_w + k % 3]);  // all loads in flight
+      m[0] = w[0];
+      best[0] = 0;
+#pragma unroll
+      for (int k = 1; k < 9; ++k) {
+        if (takes_max(w[k], m[0])) {
+          m[0] = w[k];
+          best[0] = k;
+        }
+      }
+      y[i] = from_acc<T>(m[0]);
+      if (argmax != nullptr) argmax[i] = static_cast<uint8_t>(best[0]);
+    }
+  }
+}
+
+// Backward gather, no padding: item (bh, bw) owns inputs (2bh + a, 2bw + b),
+// a, b in {0, 1}, and reads the four outputs whose windows reach them,
+// (bh - 1 .. bh) x (bw - 1 .. bw), in PyTorch's order. Output (oh, ow)'s
+// argmax k = 3 dh + dw points at input (2 oh + dh, 2 ow + dw), so:
+//   (bh-1, bw-1): k == 8 -> (0, 0)        (bh-1, bw): k == 6, 7 -> (0, 0), (0, 1)
+//   (bh, bw-1):   k == 2, 5 -> (0, 0), (1, 0)   (bh, bw): k == 0, 1, 3, 4 -> (a, b)
+// Every dx element is written once; no division per element.
+template <typename T, bool kChannelsLast, int kVec>
+__global__ void __launch_bounds__(kThreads) backward_3x3s2(const T* __restrict__ dy,
+                                                          const uint8_t* __restrict__ argmax, T* __restrict__ dx,
+                                                          const PoolGeometry g, const Grid3x3 grid) {
+  using acc = acc_t<T>;
+  const int stride = static_cast<int>(gridDim.x * blockDim.x);
+  const int C = kChannelsLast ? static_cast<int>(g.channels) : 1;
+  // grid.out_w / out_h divide by the block counts here: ceil(in / 2).
+  const int blocks_w = static_cast<int>(grid.out_w.d), blocks_h = static_cast<int>(grid.out_h.d);
+  for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < grid.total; i += stride) {
+    int v = 0, t = i;
+    if (kChannelsLast) {
+      t = grid.vecs.div(i);
+      v = i - t * static_cast<int>(grid.vecs.d);
+    }
+    const int q = grid.out_w.div(t), bw = t - q * blocks_w;
+    const int plane = grid.out_h.div(q), bh = q - plane * blocks_h;
+    const int out_base = plane * g.out_h * g.out_w * C + v * kVec;  // (oh, ow) at + (oh * out_w + ow) * C
+    const int in_base = plane * g.in_h * g.in_w * C + v * kVec;
+    acc sum[4][kVec];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) sum[a][e] = acc(0);
+    // The four outputs in PyTorch's order. One that does not exist reads the
+    // plane's first output (always there) and gets argmax 255, which routes
+    // nowhere: no branches, all eight loads in flight.
+    const int center = out_base + (bh * g.out_w + bw) * C;
+    Pack<T, kVec> gp[4];
+    BytePack<kVec> ap[4];
+    bool exists[4];
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+      const int oh = bh - 1 + o / 2, ow = bw - 1 + o % 2;
+      exists[o] = oh >= 0 && ow >= 0 && oh < g.out_h && ow < g.out_w;
+      const int at = exists[o] ? center - (o < 2 ? g.out_w * C : 0) - (o % 2 == 0 ? C : 0) : out_base;
+      gp[o] = load_pack<T, kVec>(dy + at);
+      ap[o] = *reinterpret_cast<const BytePack<kVec>*>(argmax + at);
+    }
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int k = exists[o] ? ap[o].v[e] : 255;
+        const acc gv = to_acc(gp[o].v[e]);
+        if (o == 0) {
+          if (k == 8) sum[0][e] += gv;
+        } else if (o == 1) {
+          if (k == 6) sum[0][e] += gv;
+          if (k == 7) sum[1][e] += gv;
+        } else if (o == 2) {
+          if (k == 2) sum[0][e] += gv;
+          if (k == 5) sum[2][e] += gv;
+        } else {
+          if (k == 0) sum[0][e] += gv;
+          if (k == 1) sum[1][e] += gv;
+          if (k == 3) sum[2][e] += gv;
+          if (k == 4) sum[3][e] += gv;
+        }
+      }
+    }
+    Pack<T, kVec> out[4];
+#pragma unroll
+    for (int slot = 0; slot < 4; ++slot)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) out[slot].v[e] = from_acc<T>(sum[slot][e]);
+    const int in_at = in_base + (2 * bh * g.in_w + 2 * bw) * C;
+#pragma unroll
+    for (int slot = 0; slot < 4; ++slot) {
+      const int h = 2 * bh + slot / 2, w = 2 * bw + slot % 2;
+      if (h < g.in_h && w < g.in_w)
+        *reinterpret_cast<Pack<T, kVec>*>(dx + in_at + ((slot / 2) * g.in_w + slot % 2) * C) = out[slot];
+    }
+  }
+}
+
+// 3x3 / stride 2 with no padding; forward also needs no window clipped.
+bool is_3x3s2_unpadded(const PoolGeometry& g) { return is_alexnet_window(g) && g.ph == 0 && g.pw == 0; }
+bool no_window_clipped(const PoolGeometry& g) {
+  return 2 * (g.out_h - 1) + 3 <= g.in_h && 2 * (g.out_w - 1) + 3 <= g.in_w;
+}
+
+// Channels per thread in channels_last: a 16-byte vector when C allows it.
+template <typename T>
+int vec_for(const PoolGeometry& g, const void* a, const void* b) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  return (g.channels_last && aligned && g.channels % kVec == 0) ? kVec : 1;
+}
+
 // 32-bit index arithmetic (much cheaper on the GPU) when every linear offset
 // into the input and the output fits, with room for the grid-stride step.
 bool fits_int32(const PoolGeometry& g) {
@@ -181,6 +395,21 @@ void launch_forward(const T* x, T* y, OffT* argmax, const PoolGeometry& g, cudaS
   const int64_t out_plane = int64_t{g.out_h} * g.out_w;
   const int64_t total = g.planes * out_plane;
   // A 3x3 window always has uint8 offsets: the fast paths exist only for those.
+  if constexpr (sizeof(OffT) == 1 && !std::is_same<T, double>::value) {
+    if (is_3x3s2_unpadded(g) && no_window_clipped(g) && fits_int32(g)) {
+      Grid3x3 grid;
+      grid.out_w = FastDiv(g.out_w);
+      grid.out_h = FastDiv(g.out_h);
+      const int vec = vec_for<T>(g, x, y);
+      grid.vecs = FastDiv(static_cast<int>(g.channels_last ? g.channels / vec : 1));
+      grid.total = static_cast<int>(total / vec);
+      const unsigned blocks = grid_for(grid.total, kThreads, kMax3x3Blocks);
+      if (!g.channels_last) forward_3x3s2<T, false, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      else if (vec == 1) forward_3x3s2<T, true, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      else forward_3x3s2<T, true, 16 / sizeof(T)><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      return;
+    }
+  }
   if constexpr (sizeof(OffT) == 1) {
     if (is_alexnet_window(g)) {
       const int64_t plane_bytes = int64_t{g.in_h} * g.in_w * static_cast<int64_t>(sizeof(T));
@@ -206,6 +435,24 @@ void launch_forward(const T* x, T* y, OffT* argmax, const PoolGeometry& g, cudaS
 template <typename T, typename OffT>
 void launch_backward(const T* dy, const OffT* argmax, T* dx, const PoolGeometry& g, cudaStream_t s) {
   const int64_t total = g.planes * g.in_h * g.in_w;
+  if constexpr (sizeof(OffT) == 1 && !std::is_same<T, double>::value) {
+    if (is_3x3s2_unpadded(g) && fits_int32(g)) {
+      Grid3x3 grid;
+      const int blocks_w = (g.in_w + 1) / 2, blocks_h = (g.in_h + 1) / 2;
+      grid.out_w = FastDiv(blocks_w);
+      grid.out_h = FastDiv(blocks_h);
+      const int vec = vec_for<T>(g, dy, dx);
+      const int64_t per_plane_pixel = g.channels_last ? g.channels / vec : 1;
+      grid.vecs = FastDiv(static_cast<int>(per_plane_pixel));
+      const int64_t pixel_planes = g.channels_last ? g.planes / g.channels : g.planes;
+      grid.total = static_cast<int>(pixel_planes * blocks_h * blocks_w * per_plane_pixel);
+      const unsigned blocks = grid_for(grid.total, kThreads, kMax3x3Blocks);
+      if (!g.channels_last) backward_3x3s2<T, false, 1><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
+      else if (vec == 1) backward_3x3s2<T, true, 1><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
+      else backward_3x3s2<T, true, 16 / sizeof(T)><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
+      return;
+    }
+  }
   const unsigned blocks = grid_for(total, kThreads);
   if (fits_int32(g)) {
     if (g.channels_last)
