@@ -34,7 +34,7 @@ test-cuda: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_lrn.py
-	@for b in benchmarks/bench_pool.py benchmarks/bench_conv.py benchmarks/bench_train.py; do \
+	@for b in benchmarks/bench_pool.py benchmarks/bench_fused.py benchmarks/bench_conv.py benchmarks/bench_train.py; do \
 		if [ -f $$b ]; then $(PYTHON) $$b || exit 1; fi; done
 
 train: install

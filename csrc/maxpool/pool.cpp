@@ -7,13 +7,13 @@
 #include <tuple>
 
 #include "common/op_utils.h"
+#include "maxpool/pool_args.h"
 #include "maxpool/pool_cpu.h"
 #include "maxpool/pool_cuda.h"
 #include "maxpool/pool_math.h"
 
 namespace alexnet_ext {
 namespace pool {
-namespace {
 
 constexpr const char* kOp = "alexnet_ext.max_pool2d";
 
@@ -22,7 +22,7 @@ at::ScalarType offset_dtype(int64_t kh, int64_t kw) {
   return kh * kw <= kMaxUint8Window ? at::kByte : at::kInt;
 }
 
-void check_pair(at::IntArrayRef v, const char* name) {
+static void check_pair(at::IntArrayRef v, const char* name) {
   TORCH_CHECK(v.size() == 2, kOp, ": `", name, "` must have 2 elements (height, width), got ", v);
 }
 
@@ -75,6 +75,8 @@ at::Tensor new_argmax(at::IntArrayRef sizes, const at::Tensor& like, at::ScalarT
   if (poison_outputs() && a.numel() > 0) a.fill_(type == at::kByte ? 255 : -1);
   return a;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
