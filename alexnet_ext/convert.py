@@ -41,8 +41,10 @@ def _fused(conv: nn.Conv2d) -> nn.Module:
 
 
 def _undilated_pool(m: nn.Module) -> bool:
+    if type(m) is not nn.MaxPool2d:
+        return False
     dilation = m.dilation if isinstance(m.dilation, tuple) else (m.dilation,) * 2
-    return type(m) is nn.MaxPool2d and tuple(dilation) == (1, 1)
+    return tuple(dilation) == (1, 1)
 
 
 def _fused_norm_pool(norm: nn.LocalResponseNorm, pool: nn.MaxPool2d) -> nn.Module:

@@ -143,8 +143,11 @@ void forward_impl(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
   const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
   // Output rows per task: the input rows their windows need fill about one buffer.
   const int64_t rows_fit = std::max<int64_t>(g.kh, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
-  const int64_t out_rows = std::max<int64_t>(1, (rows_fit - g.kh) / g.sh + 1);
-  const int64_t bands = (g.out_h + out_rows - 1) / out_rows;
+  const int64_t rows_per_band_fit = std::max<int64_t>(1, (rows_fit - g.kh) / g.sh + 1);
+  // As few bands as fit, of equal height: each band boundary recomputes
+  // (kh - sh) input rows.
+  const int64_t bands = (g.out_h + rows_per_band_fit - 1) / rows_per_band_fit;
+  const int64_t out_rows = (g.out_h + bands - 1) / bands;
   const int64_t in_image = C * H * W, out_image = C * g.out_h * g.out_w;
   // Outputs whose windows lie inside a row (the others are clipped): [ow_a, ow_b).
   const int ow_a = ax_min((g.pw + 1) / 2, g.out_w);
@@ -272,10 +275,12 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
       // That equals the dense formula (t = 0 and g * s^-beta = 0 elsewhere)
       // when every x in the band is finite and k > 0; otherwise the dense
       // formula runs, so NaN and inf spread exactly as in the unfused pair.
-      acc probe = acc(0);
-      for (int64_t i = 0; i < C * B; ++i) probe += xs[i] * acc(0);  // NaN iff some x is not finite
-      const bool sparse = probe == acc(0) && coefs.k > acc(0);
       with_cpu_isa([&] {
+        // x - x is 0 for finite x, NaN otherwise; an integer AND reduction
+        // (a floating-point sum would be one serial chain of adds).
+        int finite = 1;
+        for (int64_t i = 0; i < C * B; ++i) finite &= static_cast<int>(xs[i] - xs[i] == acc(0));
+        const bool sparse = finite != 0 && coefs.k > acc(0);
         for (int64_t c = 0; c < C; ++c) {
           window_rows(xs.data(), sums.data(), c, C, B, before, after, [](acc v) { return v * v; });
           const acc* xc = xs.data() + c * B;
