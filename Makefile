@@ -5,6 +5,9 @@ OUT ?= gpu-report
 PYTEST_ARGS ?=
 # The shared SIMT emulator (runs the CUDA kernels on the CPU) lives beside the checkout.
 EMU_DIR ?= ../shared/simt-emu
+# Kernels whose grid-stride loops the emulator runs with a clamped grid (so a
+# thread takes several iterations): its default list plus our 3x3/2 pool kernels.
+EMU_GRID_STRIDE_KERNELS ?= lrn_forward_kernel,lrn_backward_kernel,forward_per_output,backward_gather,relu_grad_kernel,reduce_splits_kernel,forward_3x3s2,backward_3x3s2
 EMU_SUITES ?= self,lrn,pool,conv
 
 .PHONY: help deps install test test-cuda bench train cuda-check emu-check info gpu-report clean
@@ -38,7 +41,7 @@ test-cuda: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_lrn.py
-	@for b in benchmarks/bench_pool.py benchmarks/bench_conv.py benchmarks/bench_train.py; do \
+	@for b in benchmarks/bench_pool.py benchmarks/bench_fused.py benchmarks/bench_conv.py benchmarks/bench_train.py; do \
 		if [ -f $$b ]; then $(PYTHON) $$b || exit 1; fi; done
 
 train: install
@@ -54,7 +57,8 @@ cuda-check:
 emu-check: deps
 	@if [ -x "$(EMU_DIR)/run.sh" ]; then \
 		echo "emu-check: $(EMU_DIR)/run.sh . --suites $(EMU_SUITES)"; \
-		PYTHON="$$(command -v $(PYTHON))" "$(EMU_DIR)/run.sh" . --suites $(EMU_SUITES); \
+		PYTHON="$$(command -v $(PYTHON))" SIMT_EMU_GRID_STRIDE_KERNELS="$(EMU_GRID_STRIDE_KERNELS)" \
+			"$(EMU_DIR)/run.sh" . --suites $(EMU_SUITES); \
 	else \
 		echo "emu-check: skipped, $(EMU_DIR) not found (the shared SIMT emulator is not beside this checkout)"; \
 	fi

@@ -8,7 +8,11 @@ Replaces, anywhere in the module tree:
 - a ``torch.nn.Conv2d`` immediately followed by ``torch.nn.ReLU`` in the same
   ``Sequential`` by ``alexnet_ext.nn.Conv2dReLU``, and that ReLU by
   ``Identity``, so indices and ``state_dict`` keys do not move (zero-padded,
-  undilated convolutions only; others are left alone).
+  undilated convolutions only; others are left alone);
+- a ``torch.nn.LocalResponseNorm`` immediately followed by a
+  ``torch.nn.MaxPool2d`` in the same ``Sequential`` by
+  ``alexnet_ext.nn.LocalResponseNormMaxPool2d``, and that pool by
+  ``Identity`` (undilated pools without ``return_indices`` only).
 
 The original parameters are reused (same Parameter objects: an optimizer
 built before the conversion still updates them), the training/eval mode is
@@ -36,13 +40,25 @@ def _fused(conv: nn.Conv2d) -> nn.Module:
     return new
 
 
+def _undilated_pool(m: nn.Module) -> bool:
+    if type(m) is not nn.MaxPool2d:
+        return False
+    dilation = m.dilation if isinstance(m.dilation, tuple) else (m.dilation,) * 2
+    return tuple(dilation) == (1, 1)
+
+
+def _fused_norm_pool(norm: nn.LocalResponseNorm, pool: nn.MaxPool2d) -> nn.Module:
+    return ann.LocalResponseNormMaxPool2d(norm.size, alpha=norm.alpha, beta=norm.beta, k=norm.k,
+                                          kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                                          ceil_mode=pool.ceil_mode)
+
+
 def _replacement(m: nn.Module):
     """Our module for a single torch module, or None to keep it."""
     if type(m) is nn.LocalResponseNorm:
         return ann.LocalResponseNorm(m.size, alpha=m.alpha, beta=m.beta, k=m.k)
     if type(m) is nn.MaxPool2d:
-        dilation = m.dilation if isinstance(m.dilation, tuple) else (m.dilation,) * 2
-        if tuple(dilation) != (1, 1):
+        if not _undilated_pool(m):
             return None
         return ann.MaxPool2d(m.kernel_size, stride=m.stride, padding=m.padding,
                              ceil_mode=m.ceil_mode, return_indices=m.return_indices)
@@ -60,16 +76,22 @@ def convert(module: nn.Module) -> nn.Module:
     if root is not None:
         return root.train(module.training)
     children = list(module.named_children())
-    fused_relu = None
+    absorbed = None  # index of a child fused into the one before it
     for i, (name, child) in enumerate(children):
-        if i == fused_relu:
+        if i == absorbed:
             continue
         new = _replacement(child)
-        if (new is None and isinstance(module, nn.Sequential) and _fusable(child)
-                and i + 1 < len(children) and type(children[i + 1][1]) is nn.ReLU):
+        follower = children[i + 1][1] if isinstance(module, nn.Sequential) and i + 1 < len(children) else None
+        if new is None and _fusable(child) and type(follower) is nn.ReLU:
             new = _fused(child)
+        elif (type(child) is nn.LocalResponseNorm and follower is not None and _undilated_pool(follower)
+              and not follower.return_indices):
+            new = _fused_norm_pool(child, follower)
+        else:
+            follower = None
+        if follower is not None:
             setattr(module, children[i + 1][0], nn.Identity())
-            fused_relu = i + 1
+            absorbed = i + 1
         if new is not None:
             setattr(module, name, new.train(child.training))
         else:

@@ -18,16 +18,20 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     accumulates in float32 (so float16 inputs above 256 do not overflow).
     The output keeps the input's memory format (channels_last stays so).
     """
+    _check_lrn_args(input, size, k, "local_response_norm")
+    return _ops.lrn_forward(input, int(size), float(alpha), float(beta), float(k))
+
+
+def _check_lrn_args(input, size, k, op):
     if not isinstance(input, Tensor):
-        raise TypeError(f"local_response_norm: `input` must be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{op}: `input` must be a Tensor, got {type(input).__name__}")
     if input.dim() < 3:
-        raise ValueError(f"local_response_norm: `input` must have 3 or more dimensions (N, C, *), "
+        raise ValueError(f"{op}: `input` must have 3 or more dimensions (N, C, *), "
                          f"got {input.dim()} ({tuple(input.shape)})")
     if int(size) != size or size < 1:
-        raise ValueError(f"local_response_norm: `size` must be an integer >= 1, got {size}")
+        raise ValueError(f"{op}: `size` must be an integer >= 1, got {size}")
     if not math.isfinite(k) or k < 0:
-        raise ValueError(f"local_response_norm: `k` must be finite and >= 0, got {k}")
-    return _ops.lrn_forward(input, int(size), float(alpha), float(beta), float(k))
+        raise ValueError(f"{op}: `k` must be finite and >= 0, got {k}")
 
 
 def _pair(value, name, op):
@@ -74,17 +78,7 @@ def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: boo
     if _pair(dilation, "dilation", "max_pool2d") != (1, 1):
         raise ValueError(f"max_pool2d: `dilation` other than 1 is not supported by alexnet_ext, got {dilation}; "
                          "use torch.nn.functional.max_pool2d for dilated pooling")
-    kernel_size = _pair(kernel_size, "kernel_size", "max_pool2d")
-    stride = kernel_size if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) \
-        else _pair(stride, "stride", "max_pool2d")
-    padding = _pair(padding, "padding", "max_pool2d")
-    if min(kernel_size) < 1:
-        raise ValueError(f"max_pool2d: `kernel_size` must be positive, got {kernel_size}")
-    if min(stride) < 1:
-        raise ValueError(f"max_pool2d: `stride` must be positive, got {stride}")
-    if min(padding) < 0 or padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
-        raise ValueError(f"max_pool2d: `padding` must be between 0 and half the kernel size, "
-                         f"got padding={padding} for kernel_size={kernel_size}")
+    kernel_size, stride, padding = _pool_window(kernel_size, stride, padding, "max_pool2d")
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
     save_argmax = bool(return_indices) or (x.requires_grad and torch.is_grad_enabled())
@@ -96,6 +90,53 @@ def max_pool2d(input: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: boo
         return out
     indices = flat_indices(argmax, x.shape[-1], kernel_size, stride, padding)
     return out, indices if batched else indices.squeeze(0)
+
+
+def _pool_window(kernel_size, stride, padding, op):
+    """Checked (kernel_size, stride, padding) pairs; ``stride=None`` (or
+    an empty sequence) means ``kernel_size``, like PyTorch."""
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = kernel_size if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) \
+        else _pair(stride, "stride", op)
+    padding = _pair(padding, "padding", op)
+    if min(kernel_size) < 1:
+        raise ValueError(f"{op}: `kernel_size` must be positive, got {kernel_size}")
+    if min(stride) < 1:
+        raise ValueError(f"{op}: `stride` must be positive, got {stride}")
+    if min(padding) < 0 or padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(f"{op}: `padding` must be between 0 and half the kernel size, "
+                         f"got padding={padding} for kernel_size={kernel_size}")
+    return kernel_size, stride, padding
+
+
+def local_response_norm_max_pool2d(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                                   k: float = 1.0, kernel_size=3, stride=2, padding=0,
+                                   ceil_mode: bool = False) -> Tensor:
+    """``max_pool2d(local_response_norm(input, size, alpha, beta, k),
+    kernel_size, stride, padding, ceil_mode)`` in one operator, with the
+    same values and gradients (the maximum is taken over the LRN output
+    rounded to the input's dtype, with PyTorch's NaN and tie rules, so the
+    gradient lands where the unfused pair puts it).
+
+    The LRN output is never written: forward reads the input once and
+    writes the pooled output (and, when a gradient is needed, a one-byte
+    argmax); backward recomputes the LRN denominators from the input.
+    ``input`` is ``(N, C, H, W)``, float64/32/16 or bfloat16 (reduced
+    precision accumulates in float32); the output keeps its memory format.
+    Windows of more than 256 elements run as the two operators.
+    """
+    op = "local_response_norm_max_pool2d"
+    _check_lrn_args(input, size, k, op)
+    if input.dim() != 4:
+        raise ValueError(f"{op}: `input` must be 4-D (N, C, H, W), got {input.dim()}D ({tuple(input.shape)})")
+    kernel_size, stride, padding = _pool_window(kernel_size, stride, padding, op)
+    if kernel_size[0] * kernel_size[1] > 256:  # argmax offsets no longer fit a byte: the unfused pair
+        return max_pool2d(local_response_norm(input, size, alpha, beta, k), kernel_size, stride, padding,
+                          ceil_mode)
+    save_argmax = input.requires_grad and torch.is_grad_enabled()
+    out, _ = _ops.lrn_max_pool2d_forward(input, int(size), float(alpha), float(beta), float(k), list(kernel_size),
+                                         list(stride), list(padding), bool(ceil_mode), save_argmax)
+    return out
 
 
 def _autocast_dtype(device_type):

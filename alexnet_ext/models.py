@@ -58,9 +58,19 @@ class Column(nn.Module):
                "conv4": out["conv3"], "conv5": out["conv4"]}
         for name, _, kernel, stride, padding in _CONV:
             setattr(self, name, conv(ins[name], out[name], kernel, stride=stride, padding=padding))
-        norm = (lambda: ann.LocalResponseNorm(*lrn_args)) if lrn else nn.Identity
-        self.norm1, self.norm2 = norm(), norm()
-        self.pool1, self.pool2, self.pool5 = (ann.MaxPool2d(pool_kernel, stride=2) for _ in range(3))
+        # LRN is always followed by a pool: with LRN, norm1/norm2 are the fused
+        # LRN + max-pool operator (the LRN output, the largest activation,
+        # is never written) and pool1/pool2 are Identity, so the layer names
+        # (and state_dict keys: none of these has parameters) stay put.
+        pool = lambda: ann.MaxPool2d(pool_kernel, stride=2)  # noqa: E731
+        for norm_name, pool_name in (("norm1", "pool1"), ("norm2", "pool2")):
+            if lrn:
+                setattr(self, norm_name, ann.LocalResponseNormMaxPool2d(*lrn_args, kernel_size=pool_kernel, stride=2))
+                setattr(self, pool_name, nn.Identity())
+            else:
+                setattr(self, norm_name, nn.Identity())
+                setattr(self, pool_name, pool())
+        self.pool5 = pool()
         act = nn.ReLU if activation == "relu" else nn.Tanh
         self.drop6 = nn.Dropout(dropout)
         self.fc6 = nn.Linear(flat_features, _FC // columns)
@@ -97,8 +107,10 @@ class AlexNet(nn.Module):
     conv1 96 11x11/4 pad 2 (224 -> 55), ReLU, LRN, max-pool 3/2; conv2 256
     5x5 pad 2, ReLU, LRN, pool; conv3 384, conv4 384, conv5 256 (3x3 pad 1,
     ReLU), pool; dropout, fc6 4096, ReLU, dropout, fc7 4096, ReLU, fc8.
-    Convolutions with ReLU are our fused ``Conv2dReLU``, LRN and pooling our
-    ``LocalResponseNorm`` and ``MaxPool2d``.
+    Convolutions with ReLU are our fused ``Conv2dReLU``; each LRN and the
+    pool after it are one ``LocalResponseNormMaxPool2d`` (as ``norm1`` /
+    ``norm2``, with ``pool1`` / ``pool2`` left as ``Identity``); pool5 is our
+    ``MaxPool2d``.
 
     ``columns=2`` (60,965,224 parameters): the paper's two columns, as
     ``self.columns[0]`` and ``self.columns[1]``, each with half of every

@@ -30,6 +30,27 @@ class MaxPool2d(torch.nn.MaxPool2d):
                             self.return_indices, self.dilation)
 
 
+class LocalResponseNormMaxPool2d(torch.nn.Module):
+    """``torch.nn.LocalResponseNorm(size, alpha, beta, k)`` followed by
+    ``torch.nn.MaxPool2d(kernel_size, stride, padding, ceil_mode=ceil_mode)``
+    as one operator (see ``functional.local_response_norm_max_pool2d``).
+    No parameters, so no ``state_dict`` entries."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, kernel_size=3, stride=2,
+                 padding=0, ceil_mode: bool = False):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.kernel_size, self.stride, self.padding, self.ceil_mode = kernel_size, stride, padding, ceil_mode
+
+    def extra_repr(self) -> str:
+        return (f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm_max_pool2d(input, self.size, self.alpha, self.beta, self.k, self.kernel_size,
+                                                self.stride, self.padding, self.ceil_mode)
+
+
 class Conv2dReLU(torch.nn.Conv2d):
     """``torch.nn.Conv2d`` followed by ReLU, computed by one fused operator.
 

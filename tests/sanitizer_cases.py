@@ -62,7 +62,26 @@ def conv_case():
     torch.backends.cudnn.allow_tf32 = True
 
 
-CASES = {"lrn": lrn_case, "pool": pool_case, "conv": conv_case}
+def fused_case():
+    # Fused LRN + max-pool: AlexNet's 3x3/2 (floor and ceil_mode), padding,
+    # a rectangular window, forward without and with argmax, then backward.
+    f = alexnet_ext.functional.local_response_norm_max_pool2d
+    windows = [((2, 9, 13, 13), 5, 3, 2, 0, False), ((2, 7, 12, 11), 3, 3, 2, 1, True),
+               ((1, 5, 9, 8), 4, (2, 3), (2, 1), 0, False)]
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        for channels_last in (False, True):
+            for shape, size, k, s, p, ceil_mode in windows:
+                x = torch.randn(shape, device="cuda", dtype=dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                f(x, size, 1e-3, 0.75, 2.0, k, s, p, ceil_mode)
+                x.requires_grad_()
+                y = f(x, size, 1e-3, 0.75, 2.0, k, s, p, ceil_mode)
+                y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+
+
+CASES = {"lrn": lrn_case, "pool": pool_case, "conv": conv_case, "fused": fused_case}
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--list"]:

@@ -90,16 +90,39 @@ def test_torchvision_style_alexnet():
 def test_caffe_style_net_with_lrn_and_exclusions():
     _, model = check_converted(caffe_style_net(), torch.randn(2, 3, 15, 15))
     assert type(model[0]) is alexnet_ext.nn.Conv2dReLU and type(model[1]) is nn.Identity
-    lrn = model[2]
-    assert type(lrn) is alexnet_ext.nn.LocalResponseNorm
-    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-3, 0.75, 2.0)
-    pool = model[3]
-    assert type(pool) is alexnet_ext.nn.MaxPool2d and pool.ceil_mode
+    # LRN directly followed by a pool: one fused layer, the pool's slot Identity.
+    fused = model[2]
+    assert type(fused) is alexnet_ext.nn.LocalResponseNormMaxPool2d and type(model[3]) is nn.Identity
+    assert (fused.size, fused.alpha, fused.beta, fused.k) == (5, 1e-3, 0.75, 2.0)
+    assert (fused.kernel_size, fused.stride, fused.padding, fused.ceil_mode) == (3, 2, 0, True)
     assert type(model[4][0]) is alexnet_ext.nn.Conv2dReLU and model[4][0].groups == 2
     assert type(model[5]) is nn.Conv2d and type(model[6]) is nn.Tanh
     assert type(model[7]) is nn.Conv2d and type(model[8]) is nn.ReLU
     assert type(model[9]) is nn.MaxPool2d
     assert type(model[10]) is alexnet_ext.nn.Conv2dReLU and model[10].bias is None
+
+
+@pytest.mark.parametrize("pool, fused", [
+    (nn.MaxPool2d(3, stride=2, padding=1), True),
+    (nn.MaxPool2d(2), True),
+    (nn.MaxPool2d(3, stride=2, dilation=2), False),  # dilated: LRN converted alone, pool kept
+])
+def test_lrn_followed_by_pool_is_fused(pool, fused):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.LocalResponseNorm(3, alpha=1e-2, k=1.5), pool)
+    _, converted = check_converted(model, torch.randn(2, 3, 13, 13))
+    if fused:
+        assert type(converted[1]) is alexnet_ext.nn.LocalResponseNormMaxPool2d and type(converted[2]) is nn.Identity
+    else:
+        assert type(converted[1]) is alexnet_ext.nn.LocalResponseNorm
+
+
+def test_lrn_not_followed_by_a_plain_pool_is_not_fused():
+    model = nn.Sequential(nn.LocalResponseNorm(3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.LocalResponseNorm(3), nn.MaxPool2d(2, return_indices=True))
+    alexnet_ext.convert(model)
+    assert [type(m) for m in model] == [alexnet_ext.nn.LocalResponseNorm, nn.ReLU, alexnet_ext.nn.MaxPool2d,
+                                        alexnet_ext.nn.LocalResponseNorm, alexnet_ext.nn.MaxPool2d]
+    assert model[4].return_indices
 
 
 def test_training_mode_and_root_layers():

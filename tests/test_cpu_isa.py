@@ -28,7 +28,8 @@ def test_every_cpu_isa_variant_matches_torch(isa):
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.split()[-1] == CPU_ISAS[isa]
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          os.path.join(HERE, "test_lrn.py"), os.path.join(HERE, "test_maxpool.py"), "-k", SELECTION],
+                          os.path.join(HERE, "test_lrn.py"), os.path.join(HERE, "test_maxpool.py"),
+                          os.path.join(HERE, "test_fused.py"), "-k", SELECTION],
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:]
     assert " passed" in res.stdout and " failed" not in res.stdout

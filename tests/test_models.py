@@ -66,9 +66,11 @@ def test_parameter_count_matches_paper(columns, expected):
 def expected_shapes(columns, n=1):
     """Per-layer activation shapes of the 224x224 network, from the paper."""
     g = columns
+    # norm1/norm2 are the fused LRN + max-pool (their output is pooled),
+    # pool1/pool2 the Identity left in the pools' place.
     per_column = {
-        "conv1": (n, 96 // g, 55, 55), "norm1": (n, 96 // g, 55, 55), "pool1": (n, 96 // g, 27, 27),
-        "conv2": (n, 256 // g, 27, 27), "norm2": (n, 256 // g, 27, 27), "pool2": (n, 256 // g, 13, 13),
+        "conv1": (n, 96 // g, 55, 55), "norm1": (n, 96 // g, 27, 27), "pool1": (n, 96 // g, 27, 27),
+        "conv2": (n, 256 // g, 27, 27), "norm2": (n, 256 // g, 13, 13), "pool2": (n, 256 // g, 13, 13),
         "conv3": (n, 384 // g, 13, 13), "conv4": (n, 384 // g, 13, 13), "conv5": (n, 256 // g, 13, 13),
         "pool5": (n, 256 // g, 6, 6), "drop6": (n, 9216 // g),
         "fc6": (n, 4096 // g), "act6": (n, 4096 // g), "drop7": (n, 4096 // g),
@@ -133,9 +135,11 @@ def test_ablations_match_reference(activation, lrn, pool_kernel):
     modules = list(model.modules())
     assert any(isinstance(m, torch.nn.Tanh) for m in modules) == (activation == "tanh")
     assert any(isinstance(m, alexnet_ext.nn.Conv2dReLU) for m in modules) == (activation == "relu")
-    assert any(isinstance(m, torch.nn.LocalResponseNorm) for m in modules) == lrn
+    fused = [m for m in modules if isinstance(m, alexnet_ext.nn.LocalResponseNormMaxPool2d)]
+    assert len(fused) == (4 if lrn else 0) and all(m.kernel_size == pool_kernel for m in fused)
     pools = [m for m in modules if isinstance(m, torch.nn.MaxPool2d)]
-    assert pools and all(isinstance(m, alexnet_ext.nn.MaxPool2d) and m.kernel_size == pool_kernel for m in pools)
+    assert len(pools) == (2 if lrn else 6)
+    assert all(isinstance(m, alexnet_ext.nn.MaxPool2d) and m.kernel_size == pool_kernel for m in pools)
     # 67x67: conv1 16x16, then 3/2 pools give 7, 3, 1 and 2/2 pools give 8, 4, 2.
     assert model.columns[0].fc6.in_features == 256 * (1 if pool_kernel == 3 else 2) ** 2
     x = torch.randn(2, 3, 67, 67, dtype=torch.float64)
@@ -152,8 +156,9 @@ def test_lrn_alpha_conventions():
     sq = F.pad(a * a, (0, 0, 0, 0, 2, 2))
     window = sum(sq[:, i:i + 8] for i in range(5))
     by_hand = a / (2.0 + 1e-2 * window) ** 0.75
-    torch.testing.assert_close(paper.columns[0].norm1(a), by_hand)
-    torch.testing.assert_close(torch_conv.columns[0].norm1(a), a / (2.0 + 1e-2 / 5 * window) ** 0.75)
+    pool = lambda t: F.max_pool2d(t, 3, 2)  # noqa: E731  (norm1 is LRN + pool1's max-pool)
+    torch.testing.assert_close(paper.columns[0].norm1(a), pool(by_hand))
+    torch.testing.assert_close(torch_conv.columns[0].norm1(a), pool(a / (2.0 + 1e-2 / 5 * window) ** 0.75))
     assert paper.columns[1].norm2.alpha == pytest.approx(5e-2)
 
 

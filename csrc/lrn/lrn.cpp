@@ -7,12 +7,12 @@
 #include <cmath>
 
 #include "common/op_utils.h"
+#include "lrn/lrn_args.h"
 #include "lrn/lrn_cpu.h"
 #include "lrn/lrn_cuda.h"
 
 namespace alexnet_ext {
 namespace lrn {
-namespace {
 
 void check_hyper_parameters(int64_t size, double k) {
   TORCH_CHECK(size >= 1, "alexnet_ext.local_response_norm: `size` must be >= 1, got ", size);
@@ -40,6 +40,8 @@ LrnParams make_params(const at::Tensor& x, at::MemoryFormat fmt, int64_t size, d
   p.k = k;
   return p;
 }
+
+namespace {
 
 // Sum over the channel window [c - before, c + after] of a (N, C, P) tensor.
 at::Tensor channel_window_sum(const at::Tensor& t, int before, int after) {

@@ -112,5 +112,18 @@ AX_HD acc grad_input(acc dy_times_inv_pow, acc x, acc sum_t, const Coefs<acc>& c
   return dy_times_inv_pow - c.grad_coef * x * sum_t;
 }
 
+// Sum of f(j) over the channels j in [c - lo, c + hi] clipped to [0, C), in
+// ascending j: the forward window W(c) with (lo, hi) = (before, after), the
+// backward window R(c) with them swapped. For kernels that visit one
+// element at a time (the fused LRN + max-pool).
+template <typename acc, typename F>
+AX_HD acc channel_window_sum(const F& f, int64_t c, int64_t C, int lo, int hi) {
+  const int64_t first = c - lo < 0 ? 0 : c - lo;
+  const int64_t last = c + hi < C - 1 ? c + hi : C - 1;
+  acc sum = acc(0);
+  for (int64_t j = first; j <= last; ++j) sum += f(j);
+  return sum;
+}
+
 }  // namespace lrn
 }  // namespace alexnet_ext

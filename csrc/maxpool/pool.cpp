@@ -8,13 +8,13 @@
 #include <tuple>
 
 #include "common/op_utils.h"
+#include "maxpool/pool_args.h"
 #include "maxpool/pool_cpu.h"
 #include "maxpool/pool_cuda.h"
 #include "maxpool/pool_math.h"
 
 namespace alexnet_ext {
 namespace pool {
-namespace {
 
 constexpr const char* kOp = "alexnet_ext.max_pool2d";
 
@@ -23,7 +23,7 @@ at::ScalarType offset_dtype(int64_t kh, int64_t kw) {
   return kh * kw <= kMaxUint8Window ? at::kByte : at::kInt;
 }
 
-void check_pair(at::IntArrayRef v, const char* name) {
+static void check_pair(at::IntArrayRef v, const char* name) {
   TORCH_CHECK(v.size() == 2, kOp, ": `", name, "` must have 2 elements (height, width), got ", v);
 }
 
@@ -132,6 +132,7 @@ void check_argmax_offsets(const at::Tensor& argmax, const PoolGeometry& g) {
   check_axis(2, g.out_h, g.kh, g.sh, g.ph, g.in_h);
   check_axis(3, g.out_w, g.kw, g.sw, g.pw, g.in_w);
 }
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,

@@ -77,6 +77,8 @@ AX_HD bool takes_max(acc v, acc m) {
 
 // Argmax offset inside the window <-> input position.
 AX_HD int encode_offset(int dh, int dw, int kw) { return dh * kw + dw; }
+AX_HD int offset_row(int offset, int kw) { return offset / kw; }
+AX_HD int offset_col(int offset, int kw) { return offset % kw; }
 
 // Row-by-row maximum over the clipped window of output (oh, ow).
 // load(ih, iw) returns the input element in the accumulation type. Starting

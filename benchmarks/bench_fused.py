@@ -1,0 +1,129 @@
+"""Fused LRN + max-pool against the two operators in sequence.
+
+    python benchmarks/bench_fused.py [--out DIR] [--quick] [--threads N]
+
+AlexNet's norm1/pool1 and norm2/pool2 (LRN size 5, alpha 5e-4, beta 0.75,
+k 2; max-pool 3x3 stride 2), at the per-column channel counts of the
+two-column model (48, 128) and the whole layer's (96, 256). Implementations:
+our fused operator, our LRN and max-pool operators in sequence, PyTorch's
+F.local_response_norm + F.max_pool2d (and torch.compile of that pair on a
+GPU), NCHW and channels_last, forward and forward+backward.
+
+Bytes: `min_bytes` is the least traffic of the computation (fused: forward
+reads x, writes y and the uint8 argmax; backward reads dy, argmax and x,
+writes dx), `impl_bytes` the least traffic of the implementation as it is
+structured (the pair also writes and reads back the LRN output and, in
+backward, its gradient). `gbs` is impl_bytes per second and
+`frac_copy_bw` is min_bytes per second over the copy bandwidth measured in
+the same run. CPU rows always (N=16, float32); CUDA rows when a GPU is
+visible (N=128, float32/bfloat16/float16). Writes
+benchmarks/results/fused_<device>.{csv,md,png}.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import alexnet_ext  # noqa: E402
+from alexnet_ext.functional import local_response_norm, local_response_norm_max_pool2d, max_pool2d  # noqa: E402
+
+# name -> (C, H, W): per column of the two-column model, and the whole layer.
+SHAPES = {
+    "norm1/pool1 48x55x55": (48, 55, 55),
+    "norm1/pool1 96x55x55": (96, 55, 55),
+    "norm2/pool2 128x27x27": (128, 27, 27),
+    "norm2/pool2 256x27x27": (256, 27, 27),
+}
+# The model's LRN (paper's alpha 1e-4 undivided = 5e-4 in PyTorch's convention).
+LRN = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)
+POOL = dict(kernel_size=3, stride=2)
+TARGET = 1.5  # fused fwd+bwd over our pair, CPU (issue 12)
+
+
+def fused(x):
+    return local_response_norm_max_pool2d(x, **LRN, **POOL)
+
+
+def our_pair(x):
+    return max_pool2d(local_response_norm(x, **LRN), **POOL)
+
+
+def torch_pair(x):
+    return F.max_pool2d(F.local_response_norm(x, **LRN), **POOL)
+
+
+def implementations(device):
+    """name -> (forward(x), layout, structured as the pair?). Names starting
+    with "ours" get speedup rows against every other one."""
+    impls = {}
+    for layout in ("nchw", "channels_last"):
+        impls[f"ours fused {layout}"] = (fused, layout, False)
+        impls[f"our pair {layout}"] = (our_pair, layout, True)
+        impls[f"torch pair {layout}"] = (torch_pair, layout, True)
+    if device == "cuda":
+        impls["torch.compile pair nchw"] = (torch.compile(torch_pair, dynamic=False), "nchw", True)
+    return impls
+
+
+def traffic(numel, out_numel, elem):
+    """Least bytes moved: {(structure, mode): bytes} for the fused operator and the pair."""
+    fused_fwd = numel * elem + out_numel * (elem + 1)
+    fused_bwd = out_numel * (elem + 1) + 2 * numel * elem
+    pair_fwd = fused_fwd + 2 * numel * elem  # LRN output written, read back by the pool
+    pair_bwd = fused_bwd + 2 * numel * elem  # its gradient written, read back by the LRN backward
+    return {(False, "fwd"): fused_fwd, (False, "fwd+bwd"): fused_fwd + fused_bwd,
+            (True, "fwd"): pair_fwd, (True, "fwd+bwd"): pair_fwd + pair_bwd}
+
+
+def main(argv=None):
+    args = harness.parse_args(__doc__, argv, extra=lambda ap: ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's)"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    report = harness.Report("fused", args, title="Fused LRN + max-pool 3x3/2 against the two operators")
+    if device != "cuda":
+        report.note("No GPU visible: CPU rows only; every CUDA row was skipped (GPU numbers unmeasured).")
+    copy_gbs = harness.copy_bandwidth_gbs(device)
+    report.note(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s (bytes read + written)")
+    n = 128 if device == "cuda" else (4 if args.quick else 16)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if device == "cuda" else [torch.float32]
+    reps = args.reps if device == "cuda" else max(5, args.reps // 5)
+    verdicts = []
+    for shape_name, (c, h, w) in SHAPES.items():
+        oh, ow = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+        for dtype in dtypes:
+            dname = str(dtype).replace("torch.", "")
+            numel, out_numel = n * c * h * w, n * c * oh * ow
+            elem = torch.finfo(dtype).bits // 8
+            bytes_of = traffic(numel, out_numel, elem)
+            times = {}
+            for name, (fwd, layout, is_pair) in implementations(device).items():
+                sets = harness.make_sets(harness.rotation(2 * numel * elem, device), (n, c, h, w), (n, c, oh, ow),
+                                         dtype, device, layout)
+                fb = harness.fwd_bwd(fwd)
+                for mode, fn in (("fwd", lambda i: fwd(sets[i][0].detach())), ("fwd+bwd", lambda i: fb(*sets[i]))):
+                    ms, (p10, p90) = harness.time_ms(fn, device, len(sets), args.warmup, reps)
+                    times[(name, mode)] = ms
+                    seconds = ms * 1e-3
+                    report.add(shape=shape_name, dtype=dname, mode=mode, impl=name, ms=ms, ms_p10=p10, ms_p90=p90,
+                               impl_bytes=bytes_of[(is_pair, mode)], min_bytes=bytes_of[(False, mode)],
+                               gbs=bytes_of[(is_pair, mode)] / seconds / 1e9,
+                               frac_copy_bw=bytes_of[(False, mode)] / seconds / 1e9 / copy_gbs)
+            harness.add_speedups(report, times, shape=shape_name, dtype=dname)
+            for layout in ("nchw", "channels_last"):
+                for mode in ("fwd", "fwd+bwd"):
+                    s = times[(f"our pair {layout}", mode)] / times[(f"ours fused {layout}", mode)]
+                    check = f" ({'meets' if s >= TARGET else 'BELOW'} {TARGET}x)" if mode == "fwd+bwd" else ""
+                    verdicts.append(f"{shape_name} {dname} {layout} {mode}: {s:.2f}x{check}")
+    report.note(f"Fused speedup over our two operators in sequence, same layout (N={n}, threads "
+                f"{torch.get_num_threads()}): " + "; ".join(verdicts))
+    report.write(plot=("shape", "frac_copy_bw", "impl") if device == "cuda" else ("shape", "ms", "impl"))
+
+
+if __name__ == "__main__":
+    main()
