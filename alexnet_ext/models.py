@@ -50,7 +50,7 @@ class Column(nn.Module):
     columns, handed over by the model at the crossings.
     """
 
-    def __init__(self, columns, activation, lrn, lrn_args, pool_kernel, dropout, flat_features):
+    def __init__(self, columns, activation, lrn, lrn_args, pool_kernel, dropout, flat_features, fuse_lrn_pool):
         super().__init__()
         conv = ann.Conv2dReLU if activation == "relu" else Conv2dTanh
         out = {name: channels // columns for name, channels, *_ in _CONV}
@@ -58,13 +58,17 @@ class Column(nn.Module):
                "conv4": out["conv3"], "conv5": out["conv4"]}
         for name, _, kernel, stride, padding in _CONV:
             setattr(self, name, conv(ins[name], out[name], kernel, stride=stride, padding=padding))
-        # LRN is always followed by a pool: with LRN, norm1/norm2 are the fused
-        # LRN + max-pool operator (the LRN output, the largest activation,
-        # is never written) and pool1/pool2 are Identity, so the layer names
-        # (and state_dict keys: none of these has parameters) stay put.
+        # LRN is always followed by a pool: with LRN and fuse_lrn_pool,
+        # norm1/norm2 are the fused LRN + max-pool operator (the LRN output,
+        # the largest activation, is never written) and pool1/pool2 are
+        # Identity, so the layer names (and state_dict keys: none of these has
+        # parameters) stay put either way.
         pool = lambda: ann.MaxPool2d(pool_kernel, stride=2)  # noqa: E731
         for norm_name, pool_name in (("norm1", "pool1"), ("norm2", "pool2")):
-            if lrn:
+            if lrn and not fuse_lrn_pool:
+                setattr(self, norm_name, ann.LocalResponseNorm(*lrn_args))
+                setattr(self, pool_name, pool())
+            elif lrn:
                 setattr(self, norm_name, ann.LocalResponseNormMaxPool2d(*lrn_args, kernel_size=pool_kernel, stride=2))
                 setattr(self, pool_name, nn.Identity())
             else:
@@ -102,15 +106,17 @@ class AlexNet(nn.Module):
     ``AlexNet(num_classes=1000, columns=2, dropout=0.5, lrn_size=5,
     lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0, init="paper",
     activation="relu", lrn=True, pool_kernel=3, input_size=224,
-    lrn_alpha_convention="paper")``
+    lrn_alpha_convention="paper", fuse_lrn_pool=True)``
 
     conv1 96 11x11/4 pad 2 (224 -> 55), ReLU, LRN, max-pool 3/2; conv2 256
     5x5 pad 2, ReLU, LRN, pool; conv3 384, conv4 384, conv5 256 (3x3 pad 1,
     ReLU), pool; dropout, fc6 4096, ReLU, dropout, fc7 4096, ReLU, fc8.
-    Convolutions with ReLU are our fused ``Conv2dReLU``; each LRN and the
-    pool after it are one ``LocalResponseNormMaxPool2d`` (as ``norm1`` /
-    ``norm2``, with ``pool1`` / ``pool2`` left as ``Identity``); pool5 is our
-    ``MaxPool2d``.
+    Convolutions with ReLU are our fused ``Conv2dReLU``. With
+    ``fuse_lrn_pool=True`` each LRN and the pool after it are one
+    ``LocalResponseNormMaxPool2d`` (as ``norm1`` / ``norm2``, with ``pool1`` /
+    ``pool2`` left as ``Identity``); with ``False`` they are our
+    ``LocalResponseNorm`` and ``MaxPool2d``, as separate layers (same
+    results and state_dict keys). pool5 is our ``MaxPool2d``.
 
     ``columns=2`` (60,965,224 parameters): the paper's two columns, as
     ``self.columns[0]`` and ``self.columns[1]``, each with half of every
@@ -146,7 +152,7 @@ class AlexNet(nn.Module):
                  lrn_size: int = 5, lrn_alpha: float = 1e-4, lrn_beta: float = 0.75,
                  lrn_k: float = 2.0, init: str = "paper", activation: str = "relu",
                  lrn: bool = True, pool_kernel: int = 3, input_size: int = 224,
-                 lrn_alpha_convention: str = "paper"):
+                 lrn_alpha_convention: str = "paper", fuse_lrn_pool: bool = True):
         super().__init__()
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"AlexNet: `num_classes` must be a positive integer, got {num_classes}")
@@ -170,7 +176,8 @@ class AlexNet(nn.Module):
         alpha = lrn_alpha * lrn_size if lrn_alpha_convention == "paper" else lrn_alpha
         lrn_args = (lrn_size, alpha, lrn_beta, lrn_k)
         self.columns = nn.ModuleList(
-            Column(columns, activation, lrn, lrn_args, pool_kernel, dropout, flat) for _ in range(columns))
+            Column(columns, activation, lrn, lrn_args, pool_kernel, dropout, flat, fuse_lrn_pool)
+            for _ in range(columns))
         self.fc8 = nn.Linear(_FC, self.num_classes)
         # Every model starts unplaced (devices=None: it runs where it is);
         # ColumnParallel gives it a device per column.

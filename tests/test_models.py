@@ -63,14 +63,19 @@ def test_parameter_count_matches_paper(columns, expected):
     assert param_count(AlexNet(columns=columns)) == expected
 
 
-def expected_shapes(columns, n=1):
+def is_fused(model):
+    return isinstance(model.columns[0].norm1, alexnet_ext.nn.LocalResponseNormMaxPool2d)
+
+
+def expected_shapes(columns, n=1, fused=True):
     """Per-layer activation shapes of the 224x224 network, from the paper."""
     g = columns
-    # norm1/norm2 are the fused LRN + max-pool (their output is pooled),
+    # Fused: norm1/norm2 are the LRN + max-pool (their output is pooled),
     # pool1/pool2 the Identity left in the pools' place.
+    norm1, norm2 = ((27, 27), (13, 13)) if fused else ((55, 55), (27, 27))
     per_column = {
-        "conv1": (n, 96 // g, 55, 55), "norm1": (n, 96 // g, 27, 27), "pool1": (n, 96 // g, 27, 27),
-        "conv2": (n, 256 // g, 27, 27), "norm2": (n, 256 // g, 13, 13), "pool2": (n, 256 // g, 13, 13),
+        "conv1": (n, 96 // g, 55, 55), "norm1": (n, 96 // g, *norm1), "pool1": (n, 96 // g, 27, 27),
+        "conv2": (n, 256 // g, 27, 27), "norm2": (n, 256 // g, *norm2), "pool2": (n, 256 // g, 13, 13),
         "conv3": (n, 384 // g, 13, 13), "conv4": (n, 384 // g, 13, 13), "conv5": (n, 256 // g, 13, 13),
         "pool5": (n, 256 // g, 6, 6), "drop6": (n, 9216 // g),
         "fc6": (n, 4096 // g), "act6": (n, 4096 // g), "drop7": (n, 4096 // g),
@@ -81,16 +86,17 @@ def expected_shapes(columns, n=1):
     return shapes
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("columns", [2, 1])
-def test_every_activation_shape_at_224(columns):
-    model = AlexNet(columns=columns).eval()
+def test_every_activation_shape_at_224(columns, fused):
+    model = AlexNet(columns=columns, fuse_lrn_pool=fused).eval()
     seen = {}
     for name, m in model.named_modules():
         if name and not list(m.children()):
             m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, tuple(o.shape)))
     with torch.no_grad():
         out = model(torch.randn(1, 3, 224, 224))
-    assert seen == expected_shapes(columns)
+    assert seen == expected_shapes(columns, fused=fused)
     assert torch.isfinite(out).all()
 
 
@@ -103,7 +109,7 @@ def test_summary_table(columns, capsys):
     assert f"Total params: {total:,}" in text
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(("columns.", "fc8"))}
     assert set(rows) == set(expected_shapes(columns))
-    for name, shape in expected_shapes(columns).items():
+    for name, shape in expected_shapes(columns, fused=is_fused(model)).items():
         assert str(shape) in rows[name]
     # The per-row parameter column adds up to the total.
     assert sum(int(line.split()[-1].replace(",", "")) for line in rows.values()) == total
@@ -113,9 +119,10 @@ def test_summary_table(columns, capsys):
                                                     f"{conv1.weight.numel() + conv1.bias.numel():,}"]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("columns", [2, 1])
-def test_forward_and_backward_match_functional_reference(columns):
-    model = small_model(columns=columns)
+def test_forward_and_backward_match_functional_reference(columns, fused):
+    model = small_model(columns=columns, fuse_lrn_pool=fused)
     x = torch.randn(2, 3, 67, 67, dtype=torch.float64, requires_grad=True)
     out = model(x)
     ref = reference_alexnet(model, x)
@@ -129,16 +136,19 @@ def test_forward_and_backward_match_functional_reference(columns):
         torch.testing.assert_close(g, w, **tol)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("activation, lrn, pool_kernel", [("tanh", True, 3), ("relu", False, 3), ("relu", True, 2)])
-def test_ablations_match_reference(activation, lrn, pool_kernel):
-    model = small_model(activation=activation, lrn=lrn, pool_kernel=pool_kernel)
+def test_ablations_match_reference(activation, lrn, pool_kernel, fused):
+    model = small_model(activation=activation, lrn=lrn, pool_kernel=pool_kernel, fuse_lrn_pool=fused)
     modules = list(model.modules())
     assert any(isinstance(m, torch.nn.Tanh) for m in modules) == (activation == "tanh")
     assert any(isinstance(m, alexnet_ext.nn.Conv2dReLU) for m in modules) == (activation == "relu")
-    fused = [m for m in modules if isinstance(m, alexnet_ext.nn.LocalResponseNormMaxPool2d)]
-    assert len(fused) == (4 if lrn else 0) and all(m.kernel_size == pool_kernel for m in fused)
+    fuses = [m for m in modules if isinstance(m, alexnet_ext.nn.LocalResponseNormMaxPool2d)]
+    assert len(fuses) == (4 if lrn and fused else 0) and all(m.kernel_size == pool_kernel for m in fuses)
+    lrns = [m for m in modules if isinstance(m, alexnet_ext.nn.LocalResponseNorm)]
+    assert len(lrns) == (4 if lrn and not fused else 0)
     pools = [m for m in modules if isinstance(m, torch.nn.MaxPool2d)]
-    assert len(pools) == (2 if lrn else 6)
+    assert len(pools) == (2 if lrn and fused else 6)
     assert all(isinstance(m, alexnet_ext.nn.MaxPool2d) and m.kernel_size == pool_kernel for m in pools)
     # 67x67: conv1 16x16, then 3/2 pools give 7, 3, 1 and 2/2 pools give 8, 4, 2.
     assert model.columns[0].fc6.in_features == 256 * (1 if pool_kernel == 3 else 2) ** 2
@@ -149,8 +159,8 @@ def test_ablations_match_reference(activation, lrn, pool_kernel):
 
 def test_lrn_alpha_conventions():
     """Paper: b = a / (k + alpha * sum a^2)^beta; PyTorch divides alpha by the window."""
-    paper = small_model(lrn_alpha=1e-2)
-    torch_conv = small_model(lrn_alpha=1e-2, lrn_alpha_convention="pytorch")
+    paper = small_model(lrn_alpha=1e-2, fuse_lrn_pool=True)
+    torch_conv = small_model(lrn_alpha=1e-2, lrn_alpha_convention="pytorch", fuse_lrn_pool=True)
     a = torch.randn(2, 8, 3, 3, dtype=torch.float64) * 3
     # The paper's formula, written out: window of 5 centred on each channel.
     sq = F.pad(a * a, (0, 0, 0, 0, 2, 2))
