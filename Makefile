@@ -9,6 +9,9 @@ EMU_DIR ?= ../shared/simt-emu
 # thread takes several iterations): its default list plus our 3x3/2 pool kernels.
 EMU_GRID_STRIDE_KERNELS ?= lrn_forward_kernel,lrn_backward_kernel,forward_per_output,backward_gather,relu_grad_kernel,reduce_splits_kernel,forward_3x3s2,backward_3x3s2
 EMU_SUITES ?= self,lrn,pool,conv
+# The emulator's suites do not know the fused LRN + max-pool: our own CPU
+# tests of it run its CUDA kernels there instead.
+EMU_PYTEST ?= tests/test_fused.py -q -k "cpu and not isa"
 
 .PHONY: help deps install test test-cuda bench train cuda-check emu-check info gpu-report clean
 
@@ -58,7 +61,9 @@ emu-check: deps
 	@if [ -x "$(EMU_DIR)/run.sh" ]; then \
 		echo "emu-check: $(EMU_DIR)/run.sh . --suites $(EMU_SUITES)"; \
 		PYTHON="$$(command -v $(PYTHON))" SIMT_EMU_GRID_STRIDE_KERNELS="$(EMU_GRID_STRIDE_KERNELS)" \
-			"$(EMU_DIR)/run.sh" . --suites $(EMU_SUITES); \
+			"$(EMU_DIR)/run.sh" . --suites $(EMU_SUITES) && \
+		echo "emu-check: $(EMU_DIR)/pytest.sh . $(EMU_PYTEST)" && \
+		PYTHON="$$(command -v $(PYTHON))" "$(EMU_DIR)/pytest.sh" . $(EMU_PYTEST); \
 	else \
 		echo "emu-check: skipped, $(EMU_DIR) not found (the shared SIMT emulator is not beside this checkout)"; \
 	fi
