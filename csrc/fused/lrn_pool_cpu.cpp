@@ -224,6 +224,9 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
   });
 }
 
+// Elements of the channels_last window sums taken at a time (16 KiB of floats).
+constexpr int64_t kSumChunk = 4096;
+
 // channels_last forward. Channels are contiguous, so everything vectorises
 // along them: a task is one image and a band of pooled rows; it takes the
 // LRN of the input rows their windows cover into a (rows, W, C) buffer
@@ -267,33 +270,42 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, uint8_t* argmax, cons
       uint8_t* an = kSaveArgmax ? argmax + n * out_image : nullptr;
       with_cpu_isa([&] {
         acc* __restrict__ band = lrn_band.data();
-        const int64_t pixels = int64_t{h_hi - h_lo} * W;
+        const int64_t pixels = int64_t{h_hi - h_lo} * W, E = pixels * C;
+        const scalar_t* __restrict__ xs = xn + int64_t{h_lo} * W * C;
+        // The band's pixels are one contiguous run of E = pixels * C values,
+        // so the window sums are taken over all of it at once (long loops,
+        // no per-pixel remainders), a window offset at a time in ascending
+        // channel order (the unfused LRN's). The first `before` and last
+        // `after` channels of each pixel have clipped windows (the flat sums
+        // reached into the neighbouring pixels): redone one at a time.
+        // In chunks of kSumChunk, so the sums being added to stay in L1.
+        for (int64_t e0 = before; e0 < E - after; e0 += kSumChunk) {
+          const int64_t e1 = std::min<int64_t>(E - after, e0 + kSumChunk);
+          for (int64_t e = e0; e < e1; ++e) band[e] = acc(0);
+          for (int d = -before; d <= after; ++d) {
+            const scalar_t* __restrict__ xd = xs + d;
+            for (int64_t e = e0; e < e1; ++e) {
+              const acc v = static_cast<acc>(xd[e]);
+              band[e] += v * v;
+            }
+          }
+        }
         for (int64_t q = 0; q < pixels; ++q) {
-          const scalar_t* __restrict__ xs = xn + (int64_t{h_lo} * W + q) * C;
+          const scalar_t* __restrict__ xq = xs + q * C;
           acc* __restrict__ out = band + q * C;
-          // Sums in ascending channel order (the unfused LRN's): clipped
-          // windows one channel at a time, the rest a window offset at a time.
           const auto clipped = [&](int64_t c) {
             acc s = acc(0);
             for (int64_t j = std::max<int64_t>(0, c - before); j <= std::min<int64_t>(C - 1, c + after); ++j) {
-              const acc v = static_cast<acc>(xs[j]);
+              const acc v = static_cast<acc>(xq[j]);
               s += v * v;
             }
             out[c] = s;
           };
           for (int64_t c = 0; c < c_a; ++c) clipped(c);
           for (int64_t c = c_b; c < C; ++c) clipped(c);
-          for (int64_t c = c_a; c < c_b; ++c) out[c] = acc(0);
-          for (int d = -before; d <= after; ++d) {
-            const scalar_t* __restrict__ xd = xs + d;
-            for (int64_t c = c_a; c < c_b; ++c) {
-              const acc v = static_cast<acc>(xd[c]);
-              out[c] += v * v;
-            }
-          }
-          for (int64_t c = 0; c < C; ++c)
-            out[c] = static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xs[c]), out[c], coefs)));
         }
+        for (int64_t e = 0; e < E; ++e)
+          band[e] = static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xs[e]), band[e], coefs)));
         acc* __restrict__ m = best.data();
         lane* __restrict__ m_off = best_off.data();
         for (int oh = oh0; oh < oh1; ++oh) {
