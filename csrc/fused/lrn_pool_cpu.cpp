@@ -447,16 +447,23 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
             }
           }
         }
-        // dx over the mirrored window R(c); written over grads[c], which no
-        // other channel needs.
+        // dx over the mirrored window R(c). NCHW: straight into dx (the
+        // band's rows of a channel are contiguous there); channels_last:
+        // over grads[c], which no other channel needs, copied out below.
         for (int64_t c = 0; c < C; ++c) {
           window_rows(terms.data(), sums.data(), c, C, B, after, before, [](acc v) { return v; });
           const acc* xc = xs.data() + c * B;
           acc* gc = grads.data() + c * B;
-          for (int64_t b = 0; b < B; ++b) gc[b] = lrn::grad_input(gc[b], xc[b], sums[b], coefs);
+          if (kChannelsLast) {
+            for (int64_t b = 0; b < B; ++b) gc[b] = lrn::grad_input(gc[b], xc[b], sums[b], coefs);
+          } else {
+            scalar_t* __restrict__ dxc = dx + n * in_image + (c * H + h0) * W;
+            for (int64_t b = 0; b < B; ++b)
+              dxc[b] = static_cast<scalar_t>(lrn::grad_input(gc[b], xc[b], sums[b], coefs));
+          }
         }
       });
-      band.store(grads.data(), dx + n * in_image);
+      if (kChannelsLast) band.store(grads.data(), dx + n * in_image);
     }
   });
 }
