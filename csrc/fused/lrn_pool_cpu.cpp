@@ -91,16 +91,16 @@ int64_t pooled_offset(const PoolGeometry& g, int64_t c, int oh, int ow) {
   return kChannelsLast ? pixel * g.channels + c : c * g.out_h * g.out_w + pixel;
 }
 
-// out[b] = sum of f(buf[j*B + b]) over the channels j in [c - lo, c + hi] ∩ [0, C),
+// out[b] = sum of f(buf[j*stride + b]) over the channels j in [c - lo, c + hi] ∩ [0, C),
 // in ascending j (the order of the unfused LRN kernel): a channel's window,
 // a row at a time so the pixel loop vectorises.
 template <typename acc, typename F>
-void window_rows(const acc* __restrict__ buf, acc* __restrict__ out, int64_t c, int64_t C, int64_t B, int lo, int hi,
-                 F f) {
+void window_rows(const acc* __restrict__ buf, int64_t stride, acc* __restrict__ out, int64_t c, int64_t C, int64_t B,
+                 int lo, int hi, F f) {
   const int64_t first = std::max<int64_t>(0, c - lo), last = std::min<int64_t>(C - 1, c + hi);
   for (int64_t b = 0; b < B; ++b) out[b] = acc(0);
   for (int64_t j = first; j <= last; ++j) {
-    const acc* row = buf + j * B;
+    const acc* row = buf + j * stride;
     for (int64_t b = 0; b < B; ++b) out[b] += f(row[b]);
   }
 }
@@ -371,11 +371,22 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
       const int h1 = static_cast<int>(std::min<int64_t>(H, h0 + rows));
       const Band<kChannelsLast> band{C, H, W, h0, h1 - h0};
       const int64_t B = band.pixels();
-      xs.resize(static_cast<size_t>(C * B));
       sums.resize(static_cast<size_t>(B));
       grads.assign(static_cast<size_t>(C * B), acc(0));  // d loss / d lrn_out, then g * s^-beta
       terms.assign(static_cast<size_t>(C * B), acc(0));  // t = g * x * s^-beta / s
-      band.load(x + n * in_image, xs.data());
+      // The band's x, channel-major with channels xstride apart: NCHW float
+      // and double read it in place, the rest from a (C, B) copy in acc.
+      const acc* xb;
+      int64_t xstride;
+      if constexpr (!kChannelsLast && std::is_same<acc, scalar_t>::value) {
+        xb = x + n * in_image + int64_t{h0} * W;
+        xstride = H * W;
+      } else {
+        xs.resize(static_cast<size_t>(C * B));
+        band.load(x + n * in_image, xs.data());
+        xb = xs.data();
+        xstride = B;
+      }
       int oh_lo, oh_hi, unused;  // the output rows whose windows reach into the band
       pool::covering_outputs(h0, g.kh, g.sh, g.ph, g.out_h, &oh_lo, &unused);
       pool::covering_outputs(h1 - 1, g.kh, g.sh, g.ph, g.out_h, &unused, &oh_hi);
@@ -413,11 +424,12 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
         // x - x is 0 for finite x, NaN otherwise; an integer AND reduction
         // (a floating-point sum would be one serial chain of adds).
         int finite = 1;
-        for (int64_t i = 0; i < C * B; ++i) finite &= static_cast<int>(xs[i] - xs[i] == acc(0));
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t b = 0; b < B; ++b) finite &= static_cast<int>(xb[c * xstride + b] - xb[c * xstride + b] == acc(0));
         const bool sparse = finite != 0 && coefs.k > acc(0);
         for (int64_t c = 0; c < C; ++c) {
-          window_rows(xs.data(), sums.data(), c, C, B, before, after, [](acc v) { return v * v; });
-          const acc* xc = xs.data() + c * B;
+          window_rows(xb, xstride, sums.data(), c, C, B, before, after, [](acc v) { return v * v; });
+          const acc* xc = xb + c * xstride;
           acc* gc = grads.data() + c * B;
           acc* tc = terms.data() + c * B;
           const int64_t hits = collect_hits(c);
@@ -451,8 +463,8 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
         // band's rows of a channel are contiguous there); channels_last:
         // over grads[c], which no other channel needs, copied out below.
         for (int64_t c = 0; c < C; ++c) {
-          window_rows(terms.data(), sums.data(), c, C, B, after, before, [](acc v) { return v; });
-          const acc* xc = xs.data() + c * B;
+          window_rows(terms.data(), B, sums.data(), c, C, B, after, before, [](acc v) { return v; });
+          const acc* xc = xb + c * xstride;
           acc* gc = grads.data() + c * B;
           if (kChannelsLast) {
             for (int64_t b = 0; b < B; ++b) gc[b] = lrn::grad_input(gc[b], xc[b], sums[b], coefs);
