@@ -25,6 +25,13 @@ CASES = [
     ((2, 3, 7, 7), 5, 3, 1, 1, False),
     ((1, 8, 11, 6), 2, (2, 3), (3, 1), 0, True),
 ]
+# Planes the CPU's unpadded 3x3/2 fast path splits by row and column parity:
+# odd (AlexNet's 27x27) and even sides.
+FAST_PATH_CASES = [
+    ((1, 6, 27, 27), 5, 3, 2, 0, False),
+    ((2, 5, 14, 16), 5, 3, 2, 0, False),
+]
+CASES += FAST_PATH_CASES
 HP = dict(alpha=0.5, beta=0.75, k=1.5)
 
 
@@ -68,7 +75,7 @@ def test_float64_equals_torch_pair(device, layout, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("case", CASES[:3] + FAST_PATH_CASES)
 def test_every_dtype_equals_our_pair(device, dtype, layout, case):
     # Reduced precision: the pool compares LRN outputs rounded to the dtype,
     # so the float64 reference may pick another element of a near-tie; our
@@ -102,10 +109,11 @@ def test_alexnet_hyper_parameters(device, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_ties_pick_the_first_element(device, layout):
+@pytest.mark.parametrize("plane", [(9, 9), (27, 27), (14, 16)])
+def test_ties_pick_the_first_element(device, layout, plane):
     # A constant plane gives equal LRN outputs in every window: the first
     # element wins, as in PyTorch, and the gradient lands there.
-    x = torch.ones(2, 6, 9, 9, dtype=torch.float64) * torch.arange(1.0, 7.0, dtype=torch.float64).view(1, 6, 1, 1)
+    x = torch.ones(2, 6, *plane, dtype=torch.float64) * torch.arange(1.0, 7.0, dtype=torch.float64).view(1, 6, 1, 1)
     x[1, :, 4:, :] = -2.0  # a second tied region, of a different value
     x = x.to(device)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
@@ -120,11 +128,12 @@ def test_ties_pick_the_first_element(device, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_nan_and_inf_like_the_unfused_pair(device, layout):
+@pytest.mark.parametrize("plane", [(9, 9), (27, 27), (14, 16)])
+def test_nan_and_inf_like_the_unfused_pair(device, layout, plane):
     # A NaN input makes the LRN output NaN across its channel window; the
     # pool keeps the last NaN of a window. Values, argmax and gradients
     # (NaN included) equal PyTorch's pair.
-    x = torch.randn(2, 7, 9, 9, dtype=torch.float64)
+    x = torch.randn(2, 7, *plane, dtype=torch.float64)
     x[0, 2, 3, 4] = float("nan")
     x[1, 5, 0, 0] = float("nan")
     x[1, 5, 1, 1] = float("nan")
