@@ -399,8 +399,12 @@ def evaluate(net, loader, device, autocast, channels_last, limit=None):
 # ---------------------------------------------------------------------------
 
 def fresh_progress():
-    """The running totals of an epoch (resumed mid-epoch from a checkpoint)."""
-    return dict(loss_sum=0.0, images=0, time_s=0.0)
+    """The running totals of an epoch (resumed mid-epoch from a checkpoint).
+    `window_loss_sum`/`window_images`: the log window still open when a
+    checkpoint was written (its steps are in `images` but not yet in
+    `loss_sum`); resume reopens it, so its steps' losses are neither lost nor
+    logged early. Checkpoints from before these keys resume with an empty one."""
+    return dict(loss_sum=0.0, images=0, time_s=0.0, window_loss_sum=0.0, window_images=0)
 
 
 @dataclass
@@ -477,10 +481,11 @@ class LossWindow:
     the host its loss: a window is read at a later step, or at the end of the
     epoch, when its copy has long finished."""
 
-    def __init__(self, device):
+    def __init__(self, device, carried_sum=0.0, carried_n=0):
+        """`carried_sum`/`carried_n`: a window a checkpoint left open."""
         self.device = torch.device(device)
-        self.sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.n = 0
+        self.sum = torch.tensor(float(carried_sum), dtype=torch.float64, device=self.device)
+        self.n = int(carried_n)
         self._pending = collections.deque()
 
     def add(self, loss, n):
@@ -515,12 +520,10 @@ class LossWindow:
             out.append((host.item(), n, record))
         return out
 
-    def take_partial(self):
-        """The sum of the open window (a stop cut it short), read now."""
-        value = self.sum.item() if self.n else 0.0
-        self.sum.zero_()
-        self.n = 0
-        return value
+    def open_window(self):
+        """(loss sum, images) of the window still open, read now (a checkpoint
+        is written after it, so this host read costs no extra wait)."""
+        return (self.sum.item() if self.n else 0.0), self.n
 
 
 class StopVote:
@@ -772,7 +775,8 @@ def train_epoch(s, state, stopper):
     s.model.train()
     bar = tqdm(total=s.batches_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{s.args.epochs}",
                disable=not s.main_proc or s.args.no_progress, dynamic_ncols=True, leave=True)
-    window = LossWindow(s.device)
+    progress = state.epoch_progress
+    window = LossWindow(s.device, progress.get("window_loss_sum", 0.0), progress.get("window_images", 0))
     clock = time.perf_counter() - state.epoch_progress["time_s"]  # the epoch's start, as if never interrupted
     stop_reason = None
     batches = iter(s.train_loader) if state.step_in_epoch < s.batches_per_epoch else iter(())
@@ -788,7 +792,7 @@ def train_epoch(s, state, stopper):
             if stop_reason or state.step_in_epoch >= s.batches_per_epoch:
                 break
         record_windows(s, state, window.ready(wait=True), bar, clock)
-        state.epoch_progress["loss_sum"] += window.take_partial()  # the window a stop cut short
+        carry_open_window(state, window)  # a stop may cut a window short
     finally:
         bar.close()
         del batches
@@ -811,8 +815,15 @@ def after_step(s, state, stopper, window, bar, clock):
         return f"--max-steps {s.args.max_steps}"
     if not last_in_epoch and s.args.checkpoint_every and state.global_step % s.args.checkpoint_every == 0:
         record_windows(s, state, window.ready(wait=True), bar, clock)
+        carry_open_window(state, window)
         save(s, state)
     return None
+
+
+def carry_open_window(state, window):
+    """Puts the open log window into the epoch's progress, which the next
+    checkpoint saves (see fresh_progress)."""
+    state.epoch_progress["window_loss_sum"], state.epoch_progress["window_images"] = window.open_window()
 
 
 def record_windows(s, state, windows, bar, clock):

@@ -454,7 +454,11 @@ def test_loss_window_reads_closed_windows_in_order():
     assert w.ready() == [(12.0, 8, dict(step=2)), (6.0, 2, dict(step=3))]
     assert w.ready(wait=True) == []
     w.add(torch.tensor(0.5), 2)
-    assert (w.n, w.take_partial(), w.n, w.take_partial()) == (2, 1.0, 0, 0.0)
+    assert w.open_window() == (1.0, 2) and w.n == 2  # reading it leaves it open
+    reopened = train.LossWindow("cpu", *w.open_window())
+    reopened.add(torch.tensor(1.5), 2)
+    reopened.close(dict(step=4))
+    assert reopened.ready() == [(4.0, 4, dict(step=4))]
 
 
 def test_stop_vote_schedule():
@@ -592,3 +596,19 @@ def test_gpu_cuda_graphs_match_eager_steps(tmp_path):
     a, b = (ckpt.load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("eager", "graphs"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("resume_from", ["last.prev.pt", "last.pt"])
+def test_checkpoint_inside_a_log_window_keeps_its_losses(tmp_path, resume_from):
+    # --log-every 4 with a periodic checkpoint at step 2 (--checkpoint-every 2)
+    # and a stop at step 3: both checkpoints fall inside an open log window.
+    # Resuming from either must give the uninterrupted run's train_loss and
+    # steps.csv rows (the window reopens; its losses are not lost or logged early).
+    flags = ("--epochs", 1, "--log-every", 4, "--checkpoint-every", 2)
+    assert run_tiny(tmp_path / "whole", *flags) == 0
+    assert run_tiny(tmp_path / "a", *flags, "--max-steps", 3) == 0
+    state = ckpt.load_checkpoint(tmp_path / "a" / resume_from)
+    assert state["global_step"] == (2 if resume_from == "last.prev.pt" else 3)
+    assert state["epoch_progress"]["window_images"] == 8 * state["global_step"]
+    assert run_tiny(tmp_path / "a", *flags, "--resume", tmp_path / "a" / resume_from) == 0
+    assert_same_training_state(tmp_path / "whole" / "last.pt", tmp_path / "a" / "last.pt")
