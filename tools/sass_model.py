@@ -257,19 +257,34 @@ def pool_cases(funcs, op, layout, tname, esize, C, H, W):
     return new_pool_backward(funcs, layout, tname, esize, N, C, H, W, OH, OW)
 
 
+def column_segments(columns, out_h, want=1 << 15):
+    """Output-row segments of the forward column walk (pool_cuda.cu)."""
+    segments = 1
+    while segments < out_h and columns * segments < want:
+        segments += 1
+    return segments
+
+
 def new_pool_forward(funcs, layout, tname, esize, N, C, H, W, OH, OW):
     out, inp = N * C * OH * OW, N * C * H * W
     vec = 1 if layout == "nchw" or C % (16 // esize) else 16 // esize
     cl = "false" if layout == "nchw" else "true"
-    k = next(f for f in funcs if f"forward_3x3s2<{tname}, {cl}, {vec}>" in f)
-    return k, grid_for(out // vec, 256, 1024) * 256, out, inp
+    planes = 2 if layout == "nchw" and (N * C) % 2 == 0 else 1
+    k = next(f for f in funcs if f"forward_3x3s2<{tname}, {cl}, {vec}, {planes}>" in f)
+    columns = out // vec // OH // planes
+    rows = cdiv(OH, column_segments(columns, OH))
+    return k, grid_for(columns, 256) * 256 * cdiv(OH, rows), out, inp
 
 
 def new_pool_backward(funcs, layout, tname, esize, N, C, H, W, OH, OW):
     out, inp = N * C * OH * OW, N * C * H * W
-    vec = 1 if layout == "nchw" or C % (16 // esize) else 16 // esize
-    cl = "false" if layout == "nchw" else "true"
-    k = next(f for f in funcs if f"backward_3x3s2<{tname}, {cl}, {vec}>" in f)
+    if layout == "nchw":
+        planes = 2 if (N * C) % 2 == 0 else 1
+        k = next(f for f in funcs if f"backward_3x3s2_columns<{tname}, {planes}>" in f)
+        items = N * C // planes * cdiv(cdiv(W, 2), 2)
+        return k, grid_for(items, 256) * 256, inp, out
+    vec = 1 if C % (16 // esize) else 16 // esize
+    k = next(f for f in funcs if f"backward_3x3s2<{tname}, true, {vec}>" in f)
     items = N * C * cdiv(H, 2) * cdiv(W, 2) // vec
     return k, grid_for(items, 256, 1024) * 256, inp, out
 
