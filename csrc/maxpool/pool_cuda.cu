@@ -241,25 +241,27 @@ __device__ __forceinline__ Best<acc> then_row(Best<acc> before, Best<acc> row, i
 }
 
 // Forward, no window clipped (p = 0 and the last window ends inside). A
-// thread walks a column of outputs: item (plane, ow), or (n, ow, channel
-// vector v) in channels_last with kVec channels per vector, going down the
-// output rows [oh0, oh1) of segment blockIdx.y, in kPlanes consecutive
-// planes (images in channels_last) at once. Input row 2 oh + 2 ends window
-// oh and starts window oh + 1, so each step loads two new input rows (six
-// loads, not nine) and keeps the best of the shared row in registers; the
-// window's maximum is then row_best of each row combined by then_row.
-// kArgmax: also write the offsets (a separate loop, so that inference does
-// not test for them per step).
-template <typename T, bool kChannelsLast, int kVec, int kPlanes, bool kArgmax>
+// thread walks kCols neighbouring columns of outputs down the output rows
+// [oh0, oh1) of segment blockIdx.y: item (plane, ow0) in NCHW, or (n, ow0,
+// channel vector v) in channels_last with kVec channels per vector. Input
+// row 2 oh + 2 ends window oh and starts window oh + 1, so each step loads
+// two new input rows and keeps the best of the shared row in registers;
+// neighbouring windows share an input column, so the two rows are
+// 2 kCols + 1 columns wide (5 loads per output for kCols = 2, not 9). The
+// window's maximum is row_best of each of its rows combined by then_row.
+// With kCols = 2 and out_w odd, the row's last item starts one column early
+// (ow0 = out_w - 2) and leaves its first output to the item before it.
+template <typename T, bool kChannelsLast, int kVec, int kCols, bool kArgmax>
 __device__ __forceinline__ void forward_columns(const T* __restrict__ x, T* __restrict__ y,
                                                 uint8_t* __restrict__ argmax, const PoolGeometry& g,
                                                 const Grid3x3& grid) {
   using acc = acc_t<T>;
+  constexpr int kInCols = 2 * kCols + 1;
   const int C = kChannelsLast ? static_cast<int>(g.channels) : 1;  // elements from one pixel to the next
   const int in_row = g.in_w * C, out_row = g.out_w * C;
-  const int in_plane = g.in_h * in_row, out_plane = g.out_h * out_row;
   const int oh0 = static_cast<int>(blockIdx.y) * grid.rows_per_segment;
   const int oh1 = ax_min(oh0 + grid.rows_per_segment, g.out_h);
+  const int items_w = static_cast<int>(grid.out_w.d);  // items per row: out_w / kCols rounded up
   const int stride = static_cast<int>(gridDim.x * blockDim.x);
   for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < grid.total; i += stride) {
     int v = 0, t = i;
@@ -267,55 +269,63 @@ __device__ __forceinline__ void forward_columns(const T* __restrict__ x, T* __re
       t = grid.vecs.div(i);
       v = i - t * static_cast<int>(grid.vecs.d);
     }
-    const int run = grid.out_w.div(t), ow = t - run * g.out_w;  // planes run * kPlanes ..
-    const T* in = x + run * kPlanes * in_plane + 2 * oh0 * in_row + 2 * ow * C + v * kVec;
-    int out_at = run * kPlanes * out_plane + oh0 * out_row + ow * C + v * kVec;
-    Best<acc> top[kPlanes][kVec];  // best of input row 2 oh, the window's first row
+    const int plane = grid.out_w.div(t);  // n in channels_last
+    const int item = t - plane * items_w;
+    const int ow0 = kCols == 1 ? item : ax_min(kCols * item, g.out_w - kCols);
+    const bool store_first = kCols == 1 || ow0 == kCols * item;
+    const T* in = x + (plane * g.in_h + 2 * oh0) * in_row + 2 * ow0 * C + v * kVec;
+    int out_at = (plane * g.out_h + oh0) * out_row + ow0 * C + v * kVec;
+    Best<acc> top[kCols][kVec];  // best of input row 2 oh, the windows' first row
+    {
+      Pack<T, kVec> r[kInCols];
 #pragma unroll
-    for (int q = 0; q < kPlanes; ++q) {
-      const T* r = in + q * in_plane;
-      const Pack<T, kVec> a = load_pack<T, kVec>(r), b = load_pack<T, kVec>(r + C), c = load_pack<T, kVec>(r + 2 * C);
+      for (int d = 0; d < kInCols; ++d) r[d] = load_pack<T, kVec>(in + d * C);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) top[q][e] = row_best(to_acc(a.v[e]), to_acc(b.v[e]), to_acc(c.v[e]));
+      for (int u = 0; u < kCols; ++u)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+          top[u][e] = row_best(to_acc(r[2 * u].v[e]), to_acc(r[2 * u + 1].v[e]), to_acc(r[2 * u + 2].v[e]));
     }
 #pragma unroll 1  // unrolled copies would only add per-thread code: the loads are already in flight
     for (int oh = oh0; oh < oh1; ++oh, out_at += out_row) {
       const T* mid = in + in_row;
-      in = mid + in_row;  // row 2 oh + 2: this window's last row, the next one's first
-      Pack<T, kVec> r[kPlanes][2][3];  // all loads in flight
+      in = mid + in_row;  // row 2 oh + 2: these windows' last row, the next ones' first
+      Pack<T, kVec> r[2][kInCols];  // all loads in flight
 #pragma unroll
-      for (int q = 0; q < kPlanes; ++q)
+      for (int d = 0; d < kInCols; ++d) {
+        r[0][d] = load_pack<T, kVec>(mid + d * C);
+        r[1][d] = load_pack<T, kVec>(in + d * C);
+      }
 #pragma unroll
-        for (int dw = 0; dw < 3; ++dw) {
-          r[q][0][dw] = load_pack<T, kVec>(mid + q * in_plane + dw * C);
-          r[q][1][dw] = load_pack<T, kVec>(in + q * in_plane + dw * C);
-        }
-#pragma unroll
-      for (int q = 0; q < kPlanes; ++q) {
+      for (int u = 0; u < kCols; ++u) {
         Pack<T, kVec> out;
         BytePack<kVec> off;
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const Best<acc> row1 = row_best(to_acc(r[q][0][0].v[e]), to_acc(r[q][0][1].v[e]), to_acc(r[q][0][2].v[e]));
-          const Best<acc> row2 = row_best(to_acc(r[q][1][0].v[e]), to_acc(r[q][1][1].v[e]), to_acc(r[q][1][2].v[e]));
-          const Best<acc> w = then_row(then_row(top[q][e], row1, 1), row2, 2);
+          const Best<acc> row1 = row_best(to_acc(r[0][2 * u].v[e]), to_acc(r[0][2 * u + 1].v[e]),
+                                          to_acc(r[0][2 * u + 2].v[e]));
+          const Best<acc> row2 = row_best(to_acc(r[1][2 * u].v[e]), to_acc(r[1][2 * u + 1].v[e]),
+                                          to_acc(r[1][2 * u + 2].v[e]));
+          const Best<acc> w = then_row(then_row(top[u][e], row1, 1), row2, 2);
           out.v[e] = from_acc<T>(w.v);
           off.v[e] = static_cast<uint8_t>(w.k);
-          top[q][e] = row2;
+          top[u][e] = row2;
         }
-        *reinterpret_cast<Pack<T, kVec>*>(y + out_at + q * out_plane) = out;
-        if (kArgmax) *reinterpret_cast<BytePack<kVec>*>(argmax + out_at + q * out_plane) = off;
+        if (u > 0 || store_first) {
+          *reinterpret_cast<Pack<T, kVec>*>(y + out_at + u * C) = out;
+          if (kArgmax) *reinterpret_cast<BytePack<kVec>*>(argmax + out_at + u * C) = off;
+        }
       }
     }
   }
 }
 
-template <typename T, bool kChannelsLast, int kVec, int kPlanes>
+template <typename T, bool kChannelsLast, int kVec, int kCols>
 __global__ void __launch_bounds__(kThreads) forward_3x3s2(const T* __restrict__ x, T* __restrict__ y,
                                                          uint8_t* __restrict__ argmax, const PoolGeometry g,
                                                          const Grid3x3 grid) {
-  if (argmax != nullptr) forward_columns<T, kChannelsLast, kVec, kPlanes, true>(x, y, argmax, g, grid);
-  else forward_columns<T, kChannelsLast, kVec, kPlanes, false>(x, y, argmax, g, grid);
+  if (argmax != nullptr) forward_columns<T, kChannelsLast, kVec, kCols, true>(x, y, argmax, g, grid);
+  else forward_columns<T, kChannelsLast, kVec, kCols, false>(x, y, argmax, g, grid);
 }
 
 // Backward, NCHW, no padding. Input block (bh, bw) is the inputs
@@ -560,19 +570,20 @@ void launch_forward(const T* x, T* y, OffT* argmax, const PoolGeometry& g, cudaS
   // A 3x3 window always has uint8 offsets: the fast paths exist only for those.
   if constexpr (sizeof(OffT) == 1 && !std::is_same<T, double>::value) {
     if (is_3x3s2_unpadded(g) && no_window_clipped(g) && fits_int32(g)) {
+      // NCHW: two output columns per thread (out_w >= 2), sharing an input
+      // column; channels_last: one column of kVec-channel vectors.
       Grid3x3 grid;
-      grid.out_w = FastDiv(g.out_w);
+      const int cols = !g.channels_last && g.out_w >= 2 ? 2 : 1;
+      const int items_w = (g.out_w + cols - 1) / cols;
+      grid.out_w = FastDiv(items_w);
       const int vec = vec_for<T>(g, x, y);
       grid.vecs = FastDiv(static_cast<int>(g.channels_last ? g.channels / vec : 1));
-      // NCHW: two planes per thread when the count is even (twice the work
-      // for the same setup; AlexNet's 13x13 planes give a thread 6 rows).
-      const int planes_per_thread = !g.channels_last && g.planes % 2 == 0 ? 2 : 1;
-      grid.total = static_cast<int>(total / vec / g.out_h / planes_per_thread);  // columns of outputs
+      grid.total = static_cast<int>(total / vec / g.out_h / g.out_w * items_w);
       const int segments = column_segments(grid.total, g.out_h);
       grid.rows_per_segment = (g.out_h + segments - 1) / segments;
       const dim3 blocks(grid_for(grid.total, kThreads), (g.out_h + grid.rows_per_segment - 1) / grid.rows_per_segment);
       if (!g.channels_last) {
-        if (planes_per_thread == 2) forward_3x3s2<T, false, 1, 2><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+        if (cols == 2) forward_3x3s2<T, false, 1, 2><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
         else forward_3x3s2<T, false, 1, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
       } else if (vec == 1) {
         forward_3x3s2<T, true, 1, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
