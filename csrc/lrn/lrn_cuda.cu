@@ -496,7 +496,8 @@ struct alignas(16) Vec16 {
 // channels_last. Block (chunks, pixels per block); thread x owns channels
 // [x * kVec, x * kVec + kVec) of pixel blockIdx.x * blockDim.y + y (grid-
 // stride). kVector: C % kVec == 0 and 16-byte aligned rows, so the own
-// channels are one vector load/store; else scalar, masked at C.
+// channels are 16-byte vector loads/stores (kVec * sizeof(T) / 16 of them);
+// else scalar, masked at C.
 template <int kSize, int kVec, bool kVector, bool kBeta34>
 struct ChunkWalk {
   int pixels;    // N * P

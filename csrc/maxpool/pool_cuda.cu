@@ -2,9 +2,11 @@
 // arithmetic comes from pool_math.h, the functions the CPU tests exercise.
 //
 // 3x3 / stride 2 without padding (AlexNet's pools), float/half/bfloat16,
-// 32-bit offsets: forward_3x3s2 and backward_3x3s2 below (compile-time
-// geometry, no division per element, 16-byte channel vectors in
-// channels_last). Everything else takes the general paths:
+// 32-bit offsets: forward_3x3s2, backward_3x3s2_columns (NCHW) and
+// backward_3x3s2 (channels_last) below (compile-time geometry, no division
+// per element, threads walking down the plane so that neighbouring windows
+// share loads, 16-byte channel vectors in channels_last). Everything else
+// takes the general paths:
 //
 // Forward, three paths:
 //   - NCHW, 3x3 / stride 2 (AlexNet), planes that fit kStageBytes: a block
@@ -201,11 +203,14 @@ __device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, kVec>*>(p);
 }
 
-// The 3x3 kernels launch at most this many blocks (about 8 per SM of a
-// 132-SM GPU) and stride over the rest, so a thread's setup (magic-number
-// divisions, parameter loads) is amortised over many items.
+// backward_3x3s2 launches at most this many blocks (about 8 per SM of a
+// 132-SM GPU) and strides over the rest, so a thread's setup (magic-number
+// divisions, parameter loads) is amortised over many items. The walks down
+// the plane amortise it over their column instead.
 constexpr int kMax3x3Blocks = 1024;
 
+// Work items of forward_3x3s2 (out_w: items per output row, vecs) and of
+// backward_3x3s2 (out_w, out_h: block columns and rows, vecs).
 struct Grid3x3 {
   FastDiv out_w, out_h, vecs;  // vecs: channel vectors per pixel (channels_last)
   int total;                   // threads' work items
