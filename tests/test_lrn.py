@@ -58,11 +58,38 @@ def test_alexnet_hyper_parameters(device, beta):
 @pytest.mark.parametrize("size", [3, 5, 7, 9])
 def test_alexnet_channels_every_window_path(device, dtype, layout, size):
     # 96 channels: the CUDA kernels' compile-time windows (3/5/7/9) with
-    # beta = 0.75, 16-byte vector rows in channels_last (96 % 8 == 0), and an
+    # beta = 0.75, 16-byte vector rows in channels_last (96 % 16 == 0), and an
     # odd pixel count (35) for the NCHW tiles' edge.
     x = random_input((2, 96, 5, 7), dtype, device, layout, scale=3.0, requires_grad=True)
     check_against_reference(lambda t: local_response_norm(t, size, 1e-3, 0.75, 2.0),
                             lambda t: F.local_response_norm(t, size, 1e-3, 0.75, 2.0), [x], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [3, 5, 9])
+@pytest.mark.parametrize("hw", [(16, 16), (17, 19), (25, 24)], ids=["P256", "P323", "P600"])
+def test_nchw_planes_of_whole_tiles(device, dtype, size, hw):
+    # NCHW planes of at least 256 pixels: the CUDA channel walk loads whole
+    # tiles of 256 pixels without checks, moving an image's last tile back to
+    # end at the plane's end (P = 323 and 600: it overlaps the tile before,
+    # whose pixels it must not store again; P = 256: no overlap). 40
+    # channels are cut into segments with halos when the tensor is small.
+    x = random_input((2, 40) + hw, dtype, device, scale=3.0, requires_grad=True)
+    check_against_reference(lambda t: local_response_norm(t, size, 1e-3, 0.75, 2.0),
+                            lambda t: F.local_response_norm(t, size, 1e-3, 0.75, 2.0), [x], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [16, 24, 40])
+def test_channels_last_chunks_of_two_vectors(device, dtype, channels):
+    # channels_last: a CUDA thread owns 32 bytes of channels (16 half/bfloat16,
+    # 8 float); 24 and 40 half channels are not a multiple of 16 and take the
+    # scalar path, 16 is one thread per pixel (no neighbours).
+    x = random_input((2, channels, 5, 6), dtype, device, "channels_last", scale=3.0, requires_grad=True)
+    check_against_reference(lambda t: local_response_norm(t, 5, 1e-3, 0.75, 2.0),
+                            lambda t: F.local_response_norm(t, 5, 1e-3, 0.75, 2.0), [x], dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

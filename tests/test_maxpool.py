@@ -97,6 +97,21 @@ def test_nan_and_inf_propagate_like_torch(device, dtype, layout, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,shape", [("contiguous", (2, 96, 55, 55)), ("channels_last", (8, 96, 55, 55))],
+                         ids=["nchw", "channels_last"])
+def test_alexnet_pool1_long_column_walks(device, dtype, layout, shape):
+    # Enough columns of outputs that the CUDA forward walks 3 output rows per
+    # segment (each step reusing the row above), not 1 as at small shapes;
+    # ties and NaNs cross the rows the walk carries over.
+    x = torch.randint(-2, 3, shape, dtype=torch.float64)
+    x.view(-1)[torch.randperm(x.numel())[:50]] = float("nan")
+    x = with_layout(x.to(dtype).to(device), layout).requires_grad_()
+    check_against_reference(lambda t: max_pool2d(t, 3, 2), lambda t: F.max_pool2d(t, 3, 2), [x], dtype)
+    assert_indices_match(x, 3, 2, 0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_window_uses_int32_offsets(device, layout):
     # 17x17 = 289 window elements do not fit a uint8 offset.

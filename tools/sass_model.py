@@ -16,8 +16,10 @@ bfloat16; NCHW and channels_last) it prints:
 
 How instructions are counted, per thread: loops are the backward branches
 of the SASS. The hot loop is the innermost loop that stores the output
-(most elements stored per trip); it runs outputs-per-thread / elements-per-
-trip times. A loop outside it that loads but stores nothing to global memory
+(most elements stored per trip, counting only the widest stores; among
+equals the one storing most bytes, i.e. pool forward's loop that also
+writes the argmax, the training path, not the inference one); it runs
+outputs-per-thread / elements-per-trip times. A loop outside it that loads but stores nothing to global memory
 (shared-memory staging) runs input-elements-per-thread / elements-loaded-
 per-trip times. Every other instruction counts once per thread, including
 loops nested in the hot loop (once per hot trip) and code that is skipped at
@@ -175,13 +177,21 @@ class Function:
         return sum(1 for a, _ in self.instrs if lo <= a <= hi)
 
     def elements(self, lo, hi, elem, which):
-        n = 0
+        """Elements of `elem` bytes accessed in [lo, hi]. For stores, only the
+        widest stores count: a loop that also writes pool's 1-byte argmax
+        (one byte per output, so narrower stores) writes no more outputs."""
+        sizes = []
         for a, t in self.instrs:
             if lo <= a <= hi:
                 b = access_bytes(opcode(t), "STG" if which == "st" else "LDG")
                 if b is not None and b >= elem and b % elem == 0:
-                    n += b // elem
-        return n
+                    sizes.append(b)
+        if which == "st" and sizes:
+            sizes = [b for b in sizes if b == max(sizes)]
+        return sum(b // elem for b in sizes)
+
+    def bytes_stored(self, lo, hi):
+        return sum(access_bytes(opcode(t), "STG") or 0 for a, t in self.instrs if lo <= a <= hi)
 
     def has(self, lo, hi, prefix):
         return any(lo <= a <= hi and opcode(t).startswith(prefix) for a, t in self.instrs)
@@ -193,7 +203,7 @@ class Function:
         inner = [l for l in storing if not any(o != l and l[0] <= o[0] and o[1] <= l[1] for o in storing)]
         if not inner:
             return float(total), "no loop", 0, 0
-        hot = max(inner, key=lambda l: (self.elements(*l, elem, "st"), -(l[1] - l[0])))
+        hot = max(inner, key=lambda l: (self.elements(*l, elem, "st"), self.bytes_stored(*l), -(l[1] - l[0])))
         per_trip = self.elements(*hot, elem, "st")
         body = self.count(*hot)
         trips = outputs_per_thread / per_trip
@@ -224,13 +234,15 @@ def lrn_cases(funcs, op, layout, tname, esize, C, H, W):
         return k, blocks * 256, out
     if layout == "nchw":
         pix = 4
-        k = next(f for f in walks if f"ChannelWalk<{size}, {pix}, true>" in f)
+        full = "true" if P >= 64 * pix else "false"
+        k = next(f for f in walks if f"ChannelWalk<{size}, {pix}, true, {full}>" in f
+                 or f"ChannelWalk<{size}, {pix}, true>" in f)
         tiles = N * cdiv(P, 64 * pix)
         seg = C
-        while seg > 16 and tiles * 64 * cdiv(C, seg) < (1 << 16):
+        while seg > 16 and tiles * 64 * cdiv(C, seg) < (1 << 15):
             seg = (seg + 1) // 2
         return k, min(tiles, 4096) * 64 * cdiv(C, seg), out
-    vec = 16 // esize
+    vec = max(int(m.group(1)) for f in walks for m in [re.search(rf"ChunkWalk<{size}, (\d+), ", f)] if m)
     k = next(f for f in walks if f"ChunkWalk<{size}, {vec}, {'true' if C % vec == 0 else 'false'}, true>" in f)
     chunks = cdiv(C, vec)
     per_block = 256 // chunks
@@ -257,19 +269,34 @@ def pool_cases(funcs, op, layout, tname, esize, C, H, W):
     return new_pool_backward(funcs, layout, tname, esize, N, C, H, W, OH, OW)
 
 
+def column_segments(columns, out_h, want=1 << 15):
+    """Output-row segments of the forward column walk (pool_cuda.cu)."""
+    segments = 1
+    while segments < out_h and columns * segments < want:
+        segments += 1
+    return segments
+
+
 def new_pool_forward(funcs, layout, tname, esize, N, C, H, W, OH, OW):
     out, inp = N * C * OH * OW, N * C * H * W
     vec = 1 if layout == "nchw" or C % (16 // esize) else 16 // esize
     cl = "false" if layout == "nchw" else "true"
-    k = next(f for f in funcs if f"forward_3x3s2<{tname}, {cl}, {vec}>" in f)
-    return k, grid_for(out // vec, 256, 1024) * 256, out, inp
+    cols = 2 if layout == "nchw" and OW >= 2 else 1
+    k = next(f for f in funcs if f"forward_3x3s2<{tname}, {cl}, {vec}, {cols}>" in f)
+    columns = out // vec // OH // OW * cdiv(OW, cols)
+    rows = cdiv(OH, column_segments(columns, OH))
+    return k, grid_for(columns, 256) * 256 * cdiv(OH, rows), out, inp
 
 
 def new_pool_backward(funcs, layout, tname, esize, N, C, H, W, OH, OW):
     out, inp = N * C * OH * OW, N * C * H * W
-    vec = 1 if layout == "nchw" or C % (16 // esize) else 16 // esize
-    cl = "false" if layout == "nchw" else "true"
-    k = next(f for f in funcs if f"backward_3x3s2<{tname}, {cl}, {vec}>" in f)
+    if layout == "nchw":
+        planes = 2 if (N * C) % 2 == 0 else 1
+        k = next(f for f in funcs if f"backward_3x3s2_columns<{tname}, {planes}>" in f)
+        items = N * C // planes * cdiv(cdiv(W, 2), 2)
+        return k, grid_for(items, 256) * 256, inp, out
+    vec = 1 if C % (16 // esize) else 16 // esize
+    k = next(f for f in funcs if f"backward_3x3s2<{tname}, true, {vec}>" in f)
     items = N * C * cdiv(H, 2) * cdiv(W, 2) // vec
     return k, grid_for(items, 256, 1024) * 256, inp, out
 

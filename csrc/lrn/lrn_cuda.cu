@@ -6,12 +6,12 @@
 //   - ChannelWalk (NCHW, window 3/5/7/9, float/half/bfloat16, 32-bit
 //     offsets): one thread per pixel (kPix of them, a block's pixels apart,
 //     so every load is coalesced) walks a segment of the channels, keeping
-//     the window's x values in registers. Each step loads one new channel
-//     per pixel: no shared memory, no barrier, no runtime division. The
-//     segment's window halo (size - 1 channels) is re-read by the
-//     neighbouring segment, from L2.
+//     the window's x values and pair sums of its squares (PairWindow) in
+//     registers. Each step loads one new channel per pixel: no shared
+//     memory, no barrier, no runtime division. The segment's window halo
+//     (size - 1 channels) is re-read by the neighbouring segment, from L2.
 //   - ChunkWalk (channels_last, same windows): a thread owns kVec
-//     consecutive channels of one pixel (16 bytes: one vector load when the
+//     consecutive channels of one pixel (32 bytes: two vector loads when the
 //     row is aligned) and reads the few halo channels of its neighbours
 //     (L1 hits). Backward exchanges the edge terms of its window sum with
 //     the neighbouring threads through shared memory instead of recomputing
@@ -237,30 +237,91 @@ __device__ __forceinline__ void shift_in(acc (&w)[N], acc v) {
   w[N - 1] = v;
 }
 
-// Direct sum of squares (and plain sum) of N registers starting at `first`.
-template <int N, typename acc>
-__device__ __forceinline__ acc sum_sq(const acc* first) {
-  acc s = first[0] * first[0];
+// Sliding window sum of the last kSize (odd) values pushed, taken directly
+// as (v0 + v1) + (v2 + v3) + ... + v_last: each pair is added once, when
+// its second value arrives, and reused by the windows after it, so a step
+// costs kSize / 2 + 1 additions instead of kSize - 1. Only additions, no
+// running sum with subtraction (lrn_math.h says why); the order differs
+// from sum_of's by the grouping alone.
+template <int kSize, typename acc>
+struct PairWindow {
+  static_assert(kSize % 2 == 1, "odd windows");
+  acc last = acc(0);         // the newest value
+  acc pair[kSize - 1] = {};  // pair[w] = v[w] + v[w + 1] of the window v[0 .. kSize)
+
+  __device__ __forceinline__ void push(acc v) {
 #pragma unroll
-  for (int i = 1; i < N; ++i) s += first[i] * first[i];
-  return s;
+    for (int w = 0; w + 2 < kSize; ++w) pair[w] = pair[w + 1];
+    pair[kSize - 2] = last + v;
+    last = v;
+  }
+  __device__ __forceinline__ acc sum() const {
+    acc s = pair[0];
+#pragma unroll
+    for (int w = 2; w + 1 < kSize; w += 2) s += pair[w];
+    return s + last;
+  }
+};
+
+// out[e] = sum of v[e .. e + kSize) for e < kOut, grouped as PairWindow
+// does (the pairs v[i] + v[i + 1] are shared between the windows).
+template <int kSize, int kOut, typename acc>
+__device__ __forceinline__ void pair_window_sums(const acc (&v)[kOut + kSize - 1], acc (&out)[kOut]) {
+  acc pair[kOut + kSize - 2];
+#pragma unroll
+  for (int i = 0; i < kOut + kSize - 2; ++i) pair[i] = v[i] + v[i + 1];
+#pragma unroll
+  for (int e = 0; e < kOut; ++e) {
+    acc s = pair[e];
+#pragma unroll
+    for (int w = 2; w + 1 < kSize; w += 2) s += pair[e + w];
+    out[e] = s + v[e + kSize - 1];
+  }
 }
-template <int N, typename acc>
-__device__ __forceinline__ acc sum_of(const acc* first) {
-  acc s = first[0];
-#pragma unroll
-  for (int i = 1; i < N; ++i) s += first[i];
-  return s;
+
+// s^-beta for the forward walks. beta = 0.75 as 2^(-0.75 log2 s): two MUFU
+// operations with their range checks, one instruction fewer than the two
+// reciprocal square roots of inv_pow_and_over_s (which backward keeps: it
+// needs s^-beta / s too). Within a few ulp of powf.
+template <bool kBeta34>
+__device__ __forceinline__ float forward_inv_pow(float s, const Coefs<float>& coefs) {
+  if (kBeta34) return exp2f(-0.75f * __log2f(s));
+  return inv_pow_and_over_s(s, coefs).inv_pow;
+}
+
+// dy * s^-beta and t = dy * x * s^-beta / s for beta = 0.75 from r = s^-1/2:
+// s^-beta = r^2 rsqrt(r), s^-beta / s = s^-beta r^2, so t = (dy s^-beta) x r^2
+// shares the product dy s^-beta with the first term of dx.
+struct GradTerms {
+  float dy_inv_pow, t;
+};
+template <bool kBeta34>
+__device__ __forceinline__ GradTerms grad_terms(float dy, float x, float s, const Coefs<float>& coefs) {
+  GradTerms g;
+  if (kBeta34) {
+    const float r = ax_rsqrt(s), r2 = r * r;
+    g.dy_inv_pow = dy * (r2 * ax_rsqrt(r));
+    g.t = g.dy_inv_pow * x * r2;
+  } else {
+    const InvPow<float> ip = inv_pow_and_over_s(s, coefs);
+    g.dy_inv_pow = dy * ip.inv_pow;
+    g.t = dy * x * ip.inv_pow_over_s;
+  }
+  return g;
 }
 
 // NCHW. Grid: x strides over tiles of kBlock * kPix pixels of one image (a
 // thread's kPix pixels are kBlock apart, so one address serves all of them
-// and each warp access is contiguous), y = channel segment.
-template <int kSize, int kPix, bool kBeta34>
+// and each warp access is contiguous), y = channel segment. kFullTiles
+// (P >= kTile): an image's last tile is moved back to end at P, so every
+// pixel a thread loads exists and loads need neither a check nor a zero
+// default; the pixels it shares with the tile before are not stored again.
+template <int kSize, int kPix, bool kBeta34, bool kFullTiles>
 struct ChannelWalk {
   static constexpr int kBlock = 64;  // threads per block
+  static constexpr int kTile = kBlock * kPix;
   int tiles;            // N * tiles_per_image
-  int tiles_per_image;  // ceil(P / (kBlock * kPix))
+  int tiles_per_image;  // ceil(P / kTile)
   int channels;         // C; N * C * P fits an int
   int inner;            // P
   int segment;          // channels per blockIdx.y
@@ -273,14 +334,20 @@ struct ChannelWalk {
   }
 
   // Channel-0 offset of the thread's first pixel in tile t, and which of its
-  // pixels exist (the others are neither loaded nor stored).
+  // pixels it stores (with kFullTiles all are loaded; else the others are
+  // neither loaded nor stored).
   __device__ __forceinline__ int tile_offset(int t, bool (&ok)[kPix]) const {
     const int n = t / tiles_per_image;  // once per tile
-    const int pix = (t - n * tiles_per_image) * (kBlock * kPix) + static_cast<int>(threadIdx.x);
+    const int start = (t - n * tiles_per_image) * kTile;
+    const int first = kFullTiles ? ax_min(start, inner - kTile) : start;
+    const int pix = first + static_cast<int>(threadIdx.x);
 #pragma unroll
-    for (int j = 0; j < kPix; ++j) ok[j] = pix + j * kBlock < inner;
+    for (int j = 0; j < kPix; ++j) ok[j] = kFullTiles ? pix + j * kBlock >= start : pix + j * kBlock < inner;
     return n * channels * inner + pix;
   }
+
+  // Does pixel j exist for a load (a zero otherwise)?
+  __device__ __forceinline__ static bool loads(const bool (&ok)[kPix], int j) { return kFullTiles || ok[j]; }
 
   template <typename T>
   __device__ void forward(const T* __restrict__ x, T* __restrict__ y, const LrnParams& p) const {
@@ -294,22 +361,26 @@ struct ChannelWalk {
     for (int t = static_cast<int>(blockIdx.x); t < tiles; t += static_cast<int>(gridDim.x)) {
       bool ok[kPix];
       const int base = tile_offset(t, ok);
-      // win[j][w] = x[c - before + w] of pixel j for the output channel c about to be written.
-      acc win[kPix][kSize];
+      // xw[j][w] = x[c - before + w] of pixel j for the output channel c about
+      // to be written; sq[j] sums the squares of the same window.
+      acc xw[kPix][kSize];
+      PairWindow<kSize, acc> sq[kPix];
 #pragma unroll
       for (int j = 0; j < kPix; ++j) {
 #pragma unroll
         for (int w = 0; w < kSize; ++w) {
           const int c = c_begin - 1 - W::before + w;
-          win[j][w] = (ok[j] && c >= 0 && c < C) ? to_acc(x[base + c * P + j * kBlock]) : acc(0);
+          xw[j][w] = (loads(ok, j) && c >= 0 && c < C) ? to_acc(x[base + c * P + j * kBlock]) : acc(0);
+          sq[j].push(xw[j][w] * xw[j][w]);
         }
       }
-      const auto emit = [&](int c) {
+      const auto step = [&](int c, const acc (&v)[kPix]) {
         T out[kPix];  // all values first, then plain predicated stores (no branches)
 #pragma unroll
         for (int j = 0; j < kPix; ++j) {
-          const acc s = denominator_base(sum_sq<kSize>(win[j]), coefs);
-          out[j] = from_acc<T>(win[j][W::before] * inv_pow_and_over_s(s, coefs).inv_pow);
+          shift_in(xw[j], v[j]);
+          sq[j].push(v[j] * v[j]);
+          out[j] = from_acc<T>(xw[j][W::before] * forward_inv_pow<kBeta34>(denominator_base(sq[j].sum(), coefs), coefs));
         }
 #pragma unroll
         for (int j = 0; j < kPix; ++j)
@@ -317,34 +388,34 @@ struct ChannelWalk {
       };
       int c = c_begin;
       int lead = (c_begin + W::after) * P;
-#pragma unroll kSize  // a multiple of kSize: the register window rotates back in place, no moves
+#pragma unroll kSize  // a multiple of kSize: the register windows rotate back in place, no moves
       for (; c < c_full; ++c, lead += P) {
         acc v[kPix];  // all loads of the step first: kPix in flight
 #pragma unroll
-        for (int j = 0; j < kPix; ++j) v[j] = ok[j] ? to_acc(x[base + lead + j * kBlock]) : acc(0);
-#pragma unroll
-        for (int j = 0; j < kPix; ++j) shift_in(win[j], v[j]);
-        emit(c);
+        for (int j = 0; j < kPix; ++j) v[j] = loads(ok, j) ? to_acc(x[base + lead + j * kBlock]) : acc(0);
+        step(c, v);
       }
       for (; c < c_end; ++c, lead += P) {
         const bool inside = c + W::after < C;
+        acc v[kPix];
 #pragma unroll
-        for (int j = 0; j < kPix; ++j) shift_in(win[j], inside && ok[j] ? to_acc(x[base + lead + j * kBlock]) : acc(0));
-        emit(c);
+        for (int j = 0; j < kPix; ++j) v[j] = inside && loads(ok, j) ? to_acc(x[base + lead + j * kBlock]) : acc(0);
+        step(c, v);
       }
     }
   }
 
   // Step m computes t[m] (its forward window is x[m - before .. m + after])
   // and, once t[i + before] exists, dx[i] for i = m - before:
-  //   xw[j][w] = x[m - before + w]   (so xw[j][0] = x[i])
-  //   tw[j][w] = t[m - kSize + 1 + w] (= t[i - after .. i + before], R(i))
+  //   xw[j][w] = x[m - before + w]   (so xw[j][0] = x[i]); sq[j] sums their squares
+  //   tw[j]: the window sum of t[m - kSize + 1 .. m] (= t[i - after .. i + before], R(i))
   //   dip[j][w] = dy * s^-beta of channel m - before + w
   template <typename T>
   struct BackwardState {
     using acc = acc_t<T>;
     using W = Window<kSize>;
-    acc xw[kPix][kSize], tw[kPix][kSize], dip[kPix][W::before + 1];
+    acc xw[kPix][kSize], dip[kPix][W::before + 1];
+    PairWindow<kSize, acc> sq[kPix], tw[kPix];
     int base;
     bool ok[kPix];
 
@@ -357,25 +428,22 @@ struct ChannelWalk {
       acc xv[kPix], dyv[kPix];
 #pragma unroll
       for (int j = 0; j < kPix; ++j) {
-        xv[j] = load_x && ok[j] ? to_acc(x[base + (m + W::after) * P + j * kBlock]) : acc(0);
-        dyv[j] = has_t && ok[j] ? to_acc(dy[base + m * P + j * kBlock]) : acc(0);
+        xv[j] = load_x && loads(ok, j) ? to_acc(x[base + (m + W::after) * P + j * kBlock]) : acc(0);
+        dyv[j] = has_t && loads(ok, j) ? to_acc(dy[base + m * P + j * kBlock]) : acc(0);
       }
 #pragma unroll
       for (int j = 0; j < kPix; ++j) {
         shift_in(xw[j], xv[j]);
-        acc t = 0, d = 0;
-        if (has_t) {
-          const InvPow<acc> ip = inv_pow_and_over_s(denominator_base(sum_sq<kSize>(xw[j]), coefs), coefs);
-          t = dyv[j] * xw[j][W::before] * ip.inv_pow_over_s;
-          d = dyv[j] * ip.inv_pow;
-        }
-        shift_in(tw[j], t);
-        shift_in(dip[j], d);
+        sq[j].push(xv[j] * xv[j]);
+        GradTerms g{acc(0), acc(0)};
+        if (has_t) g = grad_terms<kBeta34>(dyv[j], xw[j][W::before], denominator_base(sq[j].sum(), coefs), coefs);
+        tw[j].push(g.t);
+        shift_in(dip[j], g.dy_inv_pow);
       }
       if (kOut) {
         T out[kPix];
 #pragma unroll
-        for (int j = 0; j < kPix; ++j) out[j] = from_acc<T>(grad_input(dip[j][0], xw[j][0], sum_of<kSize>(tw[j]), coefs));
+        for (int j = 0; j < kPix; ++j) out[j] = from_acc<T>(grad_input(dip[j][0], xw[j][0], tw[j].sum(), coefs));
 #pragma unroll
         for (int j = 0; j < kPix; ++j)
           if (ok[j]) dx[base + (m - W::before) * P + j * kBlock] = out[j];
@@ -402,8 +470,8 @@ struct ChannelWalk {
 #pragma unroll
         for (int w = 0; w < kSize; ++w) {
           const int c = m_first - 1 - W::before + w;
-          st.xw[j][w] = (st.ok[j] && c >= 0 && c < C) ? to_acc(x[st.base + c * P + j * kBlock]) : acc(0);
-          st.tw[j][w] = acc(0);
+          st.xw[j][w] = (loads(st.ok, j) && c >= 0 && c < C) ? to_acc(x[st.base + c * P + j * kBlock]) : acc(0);
+          st.sq[j].push(st.xw[j][w] * st.xw[j][w]);
         }
 #pragma unroll
         for (int w = 0; w <= W::before; ++w) st.dip[j][w] = acc(0);
@@ -428,7 +496,8 @@ struct alignas(16) Vec16 {
 // channels_last. Block (chunks, pixels per block); thread x owns channels
 // [x * kVec, x * kVec + kVec) of pixel blockIdx.x * blockDim.y + y (grid-
 // stride). kVector: C % kVec == 0 and 16-byte aligned rows, so the own
-// channels are one vector load/store; else scalar, masked at C.
+// channels are 16-byte vector loads/stores (kVec * sizeof(T) / 16 of them);
+// else scalar, masked at C.
 template <int kSize, int kVec, bool kVector, bool kBeta34>
 struct ChunkWalk {
   int pixels;    // N * P
@@ -441,9 +510,13 @@ struct ChunkWalk {
   __device__ __forceinline__ void load_row(const T* __restrict__ row, int c0, acc_t<T> (&win)[kLo + kVec + kHi]) const {
     const int C = channels;
     if constexpr (kVector) {
-      const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(row + c0);
+      constexpr int n = Vec16<T>::n;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) win[kLo + e] = to_acc(v.v[e]);
+      for (int h = 0; h < kVec / n; ++h) {
+        const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(row + c0 + h * n);
+#pragma unroll
+        for (int e = 0; e < n; ++e) win[kLo + h * n + e] = to_acc(v.v[e]);
+      }
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) win[kLo + e] = c0 + e < C ? to_acc(row[c0 + e]) : acc_t<T>(0);
@@ -463,10 +536,14 @@ struct ChunkWalk {
   template <typename T>
   __device__ __forceinline__ void store_row(T* __restrict__ row, int c0, const acc_t<T> (&out)[kVec]) const {
     if constexpr (kVector) {
-      Vec16<T> v;
+      constexpr int n = Vec16<T>::n;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) v.v[e] = from_acc<T>(out[e]);
-      *reinterpret_cast<Vec16<T>*>(row + c0) = v;
+      for (int h = 0; h < kVec / n; ++h) {
+        Vec16<T> v;
+#pragma unroll
+        for (int e = 0; e < n; ++e) v.v[e] = from_acc<T>(out[h * n + e]);
+        *reinterpret_cast<Vec16<T>*>(row + c0 + h * n) = v;
+      }
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
@@ -483,12 +560,15 @@ struct ChunkWalk {
     const int stride = static_cast<int>(gridDim.x * blockDim.y);
     for (int pix = static_cast<int>(blockIdx.x * blockDim.y + threadIdx.y); pix < pixels; pix += stride) {
       const int base = pix * channels;
-      acc win[W::before + kVec + W::after];
+      acc win[W::before + kVec + W::after], sq[W::before + kVec + W::after];
       load_row<T, W::before, W::after>(x + base, c0, win);
-      acc out[kVec];
+#pragma unroll
+      for (int w = 0; w < W::before + kVec + W::after; ++w) sq[w] = win[w] * win[w];
+      acc sums[kVec], out[kVec];
+      pair_window_sums<kSize>(sq, sums);
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
-        out[e] = win[W::before + e] * inv_pow_and_over_s(denominator_base(sum_sq<kSize>(win + e), coefs), coefs).inv_pow;
+        out[e] = win[W::before + e] * forward_inv_pow<kBeta34>(denominator_base(sums[e], coefs), coefs);
       store_row(y + base, c0, out);
     }
   }
@@ -516,12 +596,16 @@ struct ChunkWalk {
       acc xw[W::before + kVec + W::after], dyw[kVec];  // xw[w] = x[c0 - before + w]
       load_row<T, W::before, W::after>(x + base, c0, xw);
       load_row<T, 0, 0>(dy + base, c0, dyw);  // zero past C, so are those t
+      acc sq[W::before + kVec + W::after], sums[kVec];
+#pragma unroll
+      for (int w = 0; w < W::before + kVec + W::after; ++w) sq[w] = xw[w] * xw[w];
+      pair_window_sums<kSize>(sq, sums);
       acc t[kVec], dip[kVec];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        const InvPow<acc> ip = inv_pow_and_over_s(denominator_base(sum_sq<kSize>(xw + e), coefs), coefs);
-        t[e] = dyw[e] * xw[W::before + e] * ip.inv_pow_over_s;
-        dip[e] = dyw[e] * ip.inv_pow;
+        const GradTerms g = grad_terms<kBeta34>(dyw[e], xw[W::before + e], denominator_base(sums[e], coefs), coefs);
+        t[e] = g.t;
+        dip[e] = g.dy_inv_pow;
       }
 #pragma unroll
       for (int d = 0; d < W::before; ++d) head[tid][d] = t[d];
@@ -535,9 +619,10 @@ struct ChunkWalk {
       for (int e = 0; e < kVec; ++e) tt[W::after + e] = t[e];
 #pragma unroll
       for (int d = 0; d < W::before; ++d) tt[W::after + kVec + d] = has_right ? head[tid + 1][d] : acc(0);
-      acc out[kVec];
+      acc t_sums[kVec], out[kVec];
+      pair_window_sums<kSize>(tt, t_sums);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) out[e] = grad_input(dip[e], xw[W::before + e], sum_of<kSize>(tt + e), coefs);
+      for (int e = 0; e < kVec; ++e) out[e] = grad_input(dip[e], xw[W::before + e], t_sums[e], coefs);
       if (active) store_row(dx + base, c0, out);
       __syncthreads();  // the next pixels overwrite head and tail
     }
@@ -606,18 +691,20 @@ struct Launch {
 // Channel segments for the NCHW walk: whole columns when there are pixels
 // enough to fill the GPU, else shorter segments (more threads, each
 // re-reading a halo of size - 1 channels from L2).
-template <int kSize, int kPix, bool kBeta34>
-Launch channel_walk_launch(const LrnParams& p, ChannelWalk<kSize, kPix, kBeta34>& walk) {
-  using Walk = ChannelWalk<kSize, kPix, kBeta34>;
+template <int kSize, int kPix, bool kBeta34, bool kFullTiles>
+Launch channel_walk_launch(const LrnParams& p, ChannelWalk<kSize, kPix, kBeta34, kFullTiles>& walk) {
+  using Walk = ChannelWalk<kSize, kPix, kBeta34, kFullTiles>;
   walk.channels = static_cast<int>(p.channels);
   walk.inner = static_cast<int>(p.inner);
-  walk.tiles_per_image = static_cast<int>((p.inner + Walk::kBlock * kPix - 1) / (Walk::kBlock * kPix));
+  walk.tiles_per_image = static_cast<int>((p.inner + Walk::kTile - 1) / Walk::kTile);
   walk.tiles = static_cast<int>(p.outer) * walk.tiles_per_image;
   walk.host_coefs = make_coefs<float>(p);
   const int64_t threads = int64_t{walk.tiles} * Walk::kBlock;
-  // Enough threads for the loads in flight a GPU needs (each has kPix x kSize
-  // independent loads in its unrolled loop); more would only add halo work.
-  constexpr int64_t kWantThreads = int64_t{1} << 16;
+  // Enough threads for the loads in flight a GPU needs: each has kPix x kSize
+  // independent loads in its unrolled loop, so 2^15 threads keep about 2 MB
+  // of bfloat16 in flight (copy bandwidth x latency on an H100 is ~1.8 MB);
+  // more would only add halo work and per-thread setup.
+  constexpr int64_t kWantThreads = int64_t{1} << 15;
   int segment = walk.channels;
   while (segment > 16 && threads * ((walk.channels + segment - 1) / segment) < kWantThreads) segment = (segment + 1) / 2;
   walk.segment = segment;
@@ -648,7 +735,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // channels_last, at most kThreads chunks per pixel.
 template <typename T, bool kBackward, typename Fn>
 LaunchStatus with_walk(const LrnParams& p, bool rows_aligned, Fn&& fn) {
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = 32 / sizeof(T);  // channels per thread in channels_last: two 16-byte vectors
   const bool fast = !std::is_same<T, double>::value && fits_int32(p) &&
                     (p.size == 3 || p.size == 5 || p.size == 7 || p.size == 9) &&
                     (!p.channels_last || (p.channels + kVec - 1) / kVec <= kThreads);
@@ -665,7 +752,12 @@ LaunchStatus with_walk(const LrnParams& p, bool rows_aligned, Fn&& fn) {
           ChunkWalk<kSize, kVec, false, kBeta34> walk;
           return fn(walk, chunk_walk_launch(p, walk));
         }
-        ChannelWalk<kSize, kBackward ? kBackwardPix : kForwardPix, kBeta34> walk;
+        constexpr int kPix = kBackward ? kBackwardPix : kForwardPix;
+        if (p.inner >= ChannelWalk<kSize, kPix, kBeta34, true>::kTile) {
+          ChannelWalk<kSize, kPix, kBeta34, true> walk;
+          return fn(walk, channel_walk_launch(p, walk));
+        }
+        ChannelWalk<kSize, kPix, kBeta34, false> walk;
         return fn(walk, channel_walk_launch(p, walk));
       };
       const auto beta_sized = [&](auto size_tag) -> LaunchStatus {

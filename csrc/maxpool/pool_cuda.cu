@@ -2,9 +2,11 @@
 // arithmetic comes from pool_math.h, the functions the CPU tests exercise.
 //
 // 3x3 / stride 2 without padding (AlexNet's pools), float/half/bfloat16,
-// 32-bit offsets: forward_3x3s2 and backward_3x3s2 below (compile-time
-// geometry, no division per element, 16-byte channel vectors in
-// channels_last). Everything else takes the general paths:
+// 32-bit offsets: forward_3x3s2, backward_3x3s2_columns (NCHW) and
+// backward_3x3s2 (channels_last) below (compile-time geometry, no division
+// per element, threads walking down the plane so that neighbouring windows
+// share loads, 16-byte channel vectors in channels_last). Everything else
+// takes the general paths:
 //
 // Forward, three paths:
 //   - NCHW, 3x3 / stride 2 (AlexNet), planes that fit kStageBytes: a block
@@ -201,24 +203,70 @@ __device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, kVec>*>(p);
 }
 
-// The 3x3 kernels launch at most this many blocks (about 8 per SM of a
-// 132-SM GPU) and stride over the rest, so a thread's setup (magic-number
-// divisions, parameter loads) is amortised over many items.
+// backward_3x3s2 launches at most this many blocks (about 8 per SM of a
+// 132-SM GPU) and strides over the rest, so a thread's setup (magic-number
+// divisions, parameter loads) is amortised over many items. The walks down
+// the plane amortise it over their column instead.
 constexpr int kMax3x3Blocks = 1024;
 
+// Work items of forward_3x3s2 (out_w: items per output row, vecs) and of
+// backward_3x3s2 (out_w, out_h: block columns and rows, vecs).
 struct Grid3x3 {
   FastDiv out_w, out_h, vecs;  // vecs: channel vectors per pixel (channels_last)
   int total;                   // threads' work items
+  int rows_per_segment = 0;    // forward: output rows each blockIdx.y walks
 };
 
-// Forward, no window clipped (p = 0 and the last window ends inside), one
-// output (NCHW) or kVec channels of one output pixel (channels_last) per
-// item. Scans the window row by row with takes_max, as window_max does.
-template <typename T, bool kChannelsLast, int kVec>
-__global__ void __launch_bounds__(kThreads) forward_3x3s2(const T* __restrict__ x, T* __restrict__ y,
-                                                         uint8_t* __restrict__ argmax, const PoolGeometry g,
-                                                         const Grid3x3 grid) {
+// The maximum of a run of window positions and its offset k = 3 dh + dw.
+template <typename acc>
+struct Best {
+  acc v;
+  int k;
+};
+
+// takes_max folded over one input row of a window (offsets 0, 1, 2).
+template <typename acc>
+__device__ __forceinline__ Best<acc> row_best(acc a, acc b, acc c) {
+  Best<acc> r{a, 0};
+  if (takes_max(b, r.v)) r = Best<acc>{b, 1};
+  if (takes_max(c, r.v)) r = Best<acc>{c, 2};
+  return r;
+}
+
+// The scan of `before` and then of window row dh (`row`, offsets 0..2).
+// Folding by takes_max may be split into runs like this and give exactly
+// the row-by-row scan of window_max: if `row` holds a NaN its best is its
+// last NaN, which the scan ends on too and takes_max(NaN, .) picks; else a
+// NaN in `before` stays (neither the scan nor takes_max replaces a NaN by a
+// number); else the strictly larger value wins, and equal maxima keep the
+// earlier one, in both.
+template <typename acc>
+__device__ __forceinline__ Best<acc> then_row(Best<acc> before, Best<acc> row, int dh) {
+  return takes_max(row.v, before.v) ? Best<acc>{row.v, row.k + 3 * dh} : before;
+}
+
+// Forward, no window clipped (p = 0 and the last window ends inside). A
+// thread walks kCols neighbouring columns of outputs down the output rows
+// [oh0, oh1) of segment blockIdx.y: item (plane, ow0) in NCHW, or (n, ow0,
+// channel vector v) in channels_last with kVec channels per vector. Input
+// row 2 oh + 2 ends window oh and starts window oh + 1, so each step loads
+// two new input rows and keeps the best of the shared row in registers;
+// neighbouring windows share an input column, so the two rows are
+// 2 kCols + 1 columns wide (5 loads per output for kCols = 2, not 9). The
+// window's maximum is row_best of each of its rows combined by then_row.
+// With kCols = 2 and out_w odd, the row's last item starts one column early
+// (ow0 = out_w - 2) and leaves its first output to the item before it.
+template <typename T, bool kChannelsLast, int kVec, int kCols, bool kArgmax>
+__device__ __forceinline__ void forward_columns(const T* __restrict__ x, T* __restrict__ y,
+                                                uint8_t* __restrict__ argmax, const PoolGeometry& g,
+                                                const Grid3x3& grid) {
   using acc = acc_t<T>;
+  constexpr int kInCols = 2 * kCols + 1;
+  const int C = kChannelsLast ? static_cast<int>(g.channels) : 1;  // elements from one pixel to the next
+  const int in_row = g.in_w * C, out_row = g.out_w * C;
+  const int oh0 = static_cast<int>(blockIdx.y) * grid.rows_per_segment;
+  const int oh1 = ax_min(oh0 + grid.rows_per_segment, g.out_h);
+  const int items_w = static_cast<int>(grid.out_w.d);  // items per row: out_w / kCols rounded up
   const int stride = static_cast<int>(gridDim.x * blockDim.x);
   for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < grid.total; i += stride) {
     int v = 0, t = i;
@@ -226,51 +274,170 @@ __global__ void __launch_bounds__(kThreads) forward_3x3s2(const T* __restrict__ 
       t = grid.vecs.div(i);
       v = i - t * static_cast<int>(grid.vecs.d);
     }
-    const int q = grid.out_w.div(t), ow = t - q * g.out_w;
-    const int plane = grid.out_h.div(q), oh = q - plane * g.out_h;  // plane: n (channels_last) or n*C+c
-    acc m[kVec];
-    int best[kVec];
-    if (kChannelsLast) {
-      const int C = static_cast<int>(g.channels);
-      const int row = g.in_w * C;
-      const T* base = x + (plane * g.in_h + 2 * oh) * row + 2 * ow * C + v * kVec;
+    const int plane = grid.out_w.div(t);  // n in channels_last
+    const int item = t - plane * items_w;
+    const int ow0 = kCols == 1 ? item : ax_min(kCols * item, g.out_w - kCols);
+    const bool store_first = kCols == 1 || ow0 == kCols * item;
+    const T* in = x + (plane * g.in_h + 2 * oh0) * in_row + 2 * ow0 * C + v * kVec;
+    int out_at = (plane * g.out_h + oh0) * out_row + ow0 * C + v * kVec;
+    Best<acc> top[kCols][kVec];  // best of input row 2 oh, the windows' first row
+    {
+      Pack<T, kVec> r[kInCols];
 #pragma unroll
-      for (int k = 0; k < 9; ++k) {
-        const Pack<T, kVec> p = load_pack<T, kVec>(base + (k / 3) * row + (k % 3) * C);
+      for (int d = 0; d < kInCols; ++d) r[d] = load_pack<T, kVec>(in + d * C);
+#pragma unroll
+      for (int u = 0; u < kCols; ++u)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+          top[u][e] = row_best(to_acc(r[2 * u].v[e]), to_acc(r[2 * u + 1].v[e]), to_acc(r[2 * u + 2].v[e]));
+    }
+#pragma unroll 1  // unrolled copies would only add per-thread code: the loads are already in flight
+    for (int oh = oh0; oh < oh1; ++oh, out_at += out_row) {
+      const T* mid = in + in_row;
+      in = mid + in_row;  // row 2 oh + 2: these windows' last row, the next ones' first
+      Pack<T, kVec> r[2][kInCols];  // all loads in flight
+#pragma unroll
+      for (int d = 0; d < kInCols; ++d) {
+        r[0][d] = load_pack<T, kVec>(mid + d * C);
+        r[1][d] = load_pack<T, kVec>(in + d * C);
+      }
+#pragma unroll
+      for (int u = 0; u < kCols; ++u) {
+        Pack<T, kVec> out;
+        BytePack<kVec> off;
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const acc val = to_acc(p.v[e]);
-          if (k == 0 || takes_max(val, m[e])) {
-            m[e] = val;
-            best[e] = k;
-          }
+          const Best<acc> row1 = row_best(to_acc(r[0][2 * u].v[e]), to_acc(r[0][2 * u + 1].v[e]),
+                                          to_acc(r[0][2 * u + 2].v[e]));
+          const Best<acc> row2 = row_best(to_acc(r[1][2 * u].v[e]), to_acc(r[1][2 * u + 1].v[e]),
+                                          to_acc(r[1][2 * u + 2].v[e]));
+          const Best<acc> w = then_row(then_row(top[u][e], row1, 1), row2, 2);
+          out.v[e] = from_acc<T>(w.v);
+          off.v[e] = static_cast<uint8_t>(w.k);
+          top[u][e] = row2;
+        }
+        if (u > 0 || store_first) {
+          *reinterpret_cast<Pack<T, kVec>*>(y + out_at + u * C) = out;
+          if (kArgmax) *reinterpret_cast<BytePack<kVec>*>(argmax + out_at + u * C) = off;
         }
       }
-      Pack<T, kVec> out;
-      BytePack<kVec> off;
+    }
+  }
+}
+
+template <typename T, bool kChannelsLast, int kVec, int kCols>
+__global__ void __launch_bounds__(kThreads) forward_3x3s2(const T* __restrict__ x, T* __restrict__ y,
+                                                         uint8_t* __restrict__ argmax, const PoolGeometry g,
+                                                         const Grid3x3 grid) {
+  if (argmax != nullptr) forward_columns<T, kChannelsLast, kVec, kCols, true>(x, y, argmax, g, grid);
+  else forward_columns<T, kChannelsLast, kVec, kCols, false>(x, y, argmax, g, grid);
+}
+
+// Backward, NCHW, no padding. Input block (bh, bw) is the inputs
+// (2bh + a, 2bw + b), a, b in {0, 1}; the outputs that reach it are
+// (bh - 1 .. bh) x (bw - 1 .. bw), routed as in backward_3x3s2 below. A
+// thread owns kBackwardCols neighbouring block columns bw0 .. of kPlanes
+// consecutive planes and walks them down together, bh = 0 .. blocks_h - 1:
+// output row bh - 1 is the previous step's row bh, kept in registers, and
+// neighbouring blocks share an output column, so a step loads
+// kBackwardCols + 1 dy and argmax values per plane for 4 kBackwardCols
+// inputs. An output that does not exist (column bw - 1 < 0 or >= out_w, row
+// bh >= out_h) is read at a clamped position with 256 or-ed into its
+// argmax, so that it routes nowhere; so does the missing row above bh = 0,
+// as argmax 255. No separate loop for the last rows or the row's last
+// columns: the checks are a few predicates per step.
+constexpr int kBackwardCols = 2;
+
+struct BackwardColumns {
+  FastDiv groups;    // groups of kBackwardCols block columns per row
+  int total = 0;     // plane runs * groups
+  int blocks_h = 0;  // ceil(in_h / 2)
+};
+
+template <typename T, int kPlanes>
+__global__ void __launch_bounds__(kThreads) backward_3x3s2_columns(const T* __restrict__ dy,
+                                                                  const uint8_t* __restrict__ argmax,
+                                                                  T* __restrict__ dx, const PoolGeometry g,
+                                                                  const BackwardColumns cols) {
+  using acc = acc_t<T>;
+  constexpr int kOutCols = kBackwardCols + 1;
+  const int stride = static_cast<int>(gridDim.x * blockDim.x);
+  const int groups = static_cast<int>(cols.groups.d);
+  const int out_plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
+  for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < cols.total; i += stride) {
+    const int run = cols.groups.div(i);
+    const int plane0 = run * kPlanes, bw0 = (i - run * groups) * kBackwardCols;
+    int at[kOutCols], col_bias[kOutCols];  // output column bw0 - 1 + c, row bh, of plane0
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        out.v[e] = from_acc<T>(m[e]);
-        off.v[e] = static_cast<uint8_t>(best[e]);
+    for (int c = 0; c < kOutCols; ++c) {
+      const int col = bw0 - 1 + c;
+      col_bias[c] = col >= 0 && col < g.out_w ? 0 : 256;
+      at[c] = plane0 * out_plane + ax_min(ax_max(col, 0), g.out_w - 1);
+    }
+    bool in_col[2 * kBackwardCols];  // input column 2 bw0 + j exists
+#pragma unroll
+    for (int j = 0; j < 2 * kBackwardCols; ++j) in_col[j] = 2 * bw0 + j < g.in_w;
+    int out_at = plane0 * in_plane + 2 * bw0;
+    // Output row bh - 1 (gu, ku) and row bh (gl, kl) of each plane. A
+    // gradient is held as g + 0, which is g but for -0 -> +0, so that a sum
+    // may start with its first routed term instead of 0 + term and still
+    // round the same.
+    acc gu[kPlanes][kOutCols], gl[kPlanes][kOutCols];
+    int ku[kPlanes][kOutCols], kl[kPlanes][kOutCols];
+#pragma unroll
+    for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+      for (int c = 0; c < kOutCols; ++c) {
+        gu[q][c] = acc(0);
+        ku[q][c] = 255;
       }
-      *reinterpret_cast<Pack<T, kVec>*>(y + i * kVec) = out;
-      if (argmax != nullptr) *reinterpret_cast<BytePack<kVec>*>(argmax + i * kVec) = off;
-    } else {
-      const T* base = x + (plane * g.in_h + 2 * oh) * g.in_w + 2 * ow;
-      acc w[9];
+#pragma unroll 1
+    for (int bh = 0; bh < cols.blocks_h; ++bh, out_at += 2 * g.in_w) {
+      const int row_bias = bh < g.out_h ? 0 : 256;
 #pragma unroll
-      for (int k = 0; k < 9; ++k) w[k] = to_acc(base[(k / 3) * g.in_w + k % 3]);  // all loads in flight
-      m[0] = w[0];
-      best[0] = 0;
+      for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
-      for (int k = 1; k < 9; ++k) {
-        if (takes_max(w[k], m[0])) {
-          m[0] = w[k];
-          best[0] = k;
+        for (int c = 0; c < kOutCols; ++c) {
+          gl[q][c] = to_acc(dy[at[c] + q * out_plane]) + acc(0);
+          kl[q][c] = argmax[at[c] + q * out_plane] | col_bias[c] | row_bias;
+        }
+      const int next_row = bh + 1 < g.out_h ? g.out_w : 0;  // stays on the last row
+#pragma unroll
+      for (int c = 0; c < kOutCols; ++c) at[c] += next_row;
+      const bool second_row = 2 * bh + 1 < g.in_h;
+#pragma unroll
+      for (int q = 0; q < kPlanes; ++q) {
+        T* row = dx + out_at + q * in_plane;
+        const acc* gu_q = gu[q];
+        const acc* gl_q = gl[q];
+        const int* ku_q = ku[q];
+        const int* kl_q = kl[q];
+#pragma unroll
+        for (int j = 0; j < kBackwardCols; ++j) {
+          // Left outputs column j, right j + 1; each input's terms in
+          // PyTorch's order, (oh, ow) ascending.
+          acc s00 = ku_q[j] == 8 ? gu_q[j] : acc(0);
+          if (ku_q[j + 1] == 6) s00 += gu_q[j + 1];
+          if (kl_q[j] == 2) s00 += gl_q[j];
+          if (kl_q[j + 1] == 0) s00 += gl_q[j + 1];
+          acc s01 = ku_q[j + 1] == 7 ? gu_q[j + 1] : acc(0);
+          if (kl_q[j + 1] == 1) s01 += gl_q[j + 1];
+          acc s10 = kl_q[j] == 5 ? gl_q[j] : acc(0);
+          if (kl_q[j + 1] == 3) s10 += gl_q[j + 1];
+          const acc s11 = kl_q[j + 1] == 4 ? gl_q[j + 1] : acc(0);
+          if (in_col[2 * j]) row[2 * j] = from_acc<T>(s00);
+          if (in_col[2 * j + 1]) row[2 * j + 1] = from_acc<T>(s01);
+          if (second_row && in_col[2 * j]) row[g.in_w + 2 * j] = from_acc<T>(s10);
+          if (second_row && in_col[2 * j + 1]) row[g.in_w + 2 * j + 1] = from_acc<T>(s11);
         }
       }
-      y[i] = from_acc<T>(m[0]);
-      if (argmax != nullptr) argmax[i] = static_cast<uint8_t>(best[0]);
+#pragma unroll
+      for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+        for (int c = 0; c < kOutCols; ++c) {
+          gu[q][c] = gl[q][c];
+          ku[q][c] = kl[q][c];
+        }
     }
   }
 }
@@ -372,6 +539,17 @@ int vec_for(const PoolGeometry& g, const void* a, const void* b) {
   return (g.channels_last && aligned && g.channels % kVec == 0) ? kVec : 1;
 }
 
+// Output-row segments of the forward column walk: whole columns when there
+// are columns enough to keep a GPU's loads in flight (a thread has six
+// loads, of up to 16 bytes, in flight per step), else shorter ones, each
+// re-reading the input row above it.
+int column_segments(int columns, int out_h) {
+  constexpr int64_t kWantThreads = int64_t{1} << 15;
+  int segments = 1;
+  while (segments < out_h && int64_t{columns} * segments < kWantThreads) ++segments;
+  return segments;
+}
+
 // 32-bit index arithmetic (much cheaper on the GPU) when every linear offset
 // into the input and the output fits, with room for the grid-stride step.
 bool fits_int32(const PoolGeometry& g) {
@@ -397,16 +575,26 @@ void launch_forward(const T* x, T* y, OffT* argmax, const PoolGeometry& g, cudaS
   // A 3x3 window always has uint8 offsets: the fast paths exist only for those.
   if constexpr (sizeof(OffT) == 1 && !std::is_same<T, double>::value) {
     if (is_3x3s2_unpadded(g) && no_window_clipped(g) && fits_int32(g)) {
+      // NCHW: two output columns per thread (out_w >= 2), sharing an input
+      // column; channels_last: one column of kVec-channel vectors.
       Grid3x3 grid;
-      grid.out_w = FastDiv(g.out_w);
-      grid.out_h = FastDiv(g.out_h);
+      const int cols = !g.channels_last && g.out_w >= 2 ? 2 : 1;
+      const int items_w = (g.out_w + cols - 1) / cols;
+      grid.out_w = FastDiv(items_w);
       const int vec = vec_for<T>(g, x, y);
       grid.vecs = FastDiv(static_cast<int>(g.channels_last ? g.channels / vec : 1));
-      grid.total = static_cast<int>(total / vec);
-      const unsigned blocks = grid_for(grid.total, kThreads, kMax3x3Blocks);
-      if (!g.channels_last) forward_3x3s2<T, false, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
-      else if (vec == 1) forward_3x3s2<T, true, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
-      else forward_3x3s2<T, true, 16 / sizeof(T)><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      grid.total = static_cast<int>(total / vec / g.out_h / g.out_w * items_w);
+      const int segments = column_segments(grid.total, g.out_h);
+      grid.rows_per_segment = (g.out_h + segments - 1) / segments;
+      const dim3 blocks(grid_for(grid.total, kThreads), (g.out_h + grid.rows_per_segment - 1) / grid.rows_per_segment);
+      if (!g.channels_last) {
+        if (cols == 2) forward_3x3s2<T, false, 1, 2><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+        else forward_3x3s2<T, false, 1, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      } else if (vec == 1) {
+        forward_3x3s2<T, true, 1, 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      } else {
+        forward_3x3s2<T, true, 16 / sizeof(T), 1><<<blocks, kThreads, 0, s>>>(x, y, argmax, g, grid);
+      }
       return;
     }
   }
@@ -437,18 +625,32 @@ void launch_backward(const T* dy, const OffT* argmax, T* dx, const PoolGeometry&
   const int64_t total = g.planes * g.in_h * g.in_w;
   if constexpr (sizeof(OffT) == 1 && !std::is_same<T, double>::value) {
     if (is_3x3s2_unpadded(g) && fits_int32(g)) {
-      Grid3x3 grid;
       const int blocks_w = (g.in_w + 1) / 2, blocks_h = (g.in_h + 1) / 2;
+      if (!g.channels_last) {
+        // Two planes per thread when the plane count is even: twice the
+        // work per thread for the same setup (AlexNet's small planes).
+        BackwardColumns cols;
+        const int groups = (blocks_w + kBackwardCols - 1) / kBackwardCols;
+        const int planes_per_thread = g.planes % 2 == 0 ? 2 : 1;
+        cols.groups = FastDiv(groups);
+        cols.total = static_cast<int>(g.planes / planes_per_thread) * groups;
+        cols.blocks_h = blocks_h;
+        const unsigned blocks = grid_for(cols.total, kThreads);
+        if (planes_per_thread == 2)
+          backward_3x3s2_columns<T, 2><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, cols);
+        else
+          backward_3x3s2_columns<T, 1><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, cols);
+        return;
+      }
+      Grid3x3 grid;
       grid.out_w = FastDiv(blocks_w);
       grid.out_h = FastDiv(blocks_h);
       const int vec = vec_for<T>(g, dy, dx);
-      const int64_t per_plane_pixel = g.channels_last ? g.channels / vec : 1;
+      const int64_t per_plane_pixel = g.channels / vec;
       grid.vecs = FastDiv(static_cast<int>(per_plane_pixel));
-      const int64_t pixel_planes = g.channels_last ? g.planes / g.channels : g.planes;
-      grid.total = static_cast<int>(pixel_planes * blocks_h * blocks_w * per_plane_pixel);
+      grid.total = static_cast<int>(g.planes / g.channels * blocks_h * blocks_w * per_plane_pixel);
       const unsigned blocks = grid_for(grid.total, kThreads, kMax3x3Blocks);
-      if (!g.channels_last) backward_3x3s2<T, false, 1><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
-      else if (vec == 1) backward_3x3s2<T, true, 1><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
+      if (vec == 1) backward_3x3s2<T, true, 1><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
       else backward_3x3s2<T, true, 16 / sizeof(T)><<<blocks, kThreads, 0, s>>>(dy, argmax, dx, g, grid);
       return;
     }
