@@ -459,6 +459,40 @@ void grad_inputs(const acc* __restrict__ g_ip, const src_t* __restrict__ x, cons
   for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t[i], c));
 }
 
+// One quarter's elements k from the outputs whose window reaches them:
+// out[k] = 0 + sum over r of (a[k - delta[r]] == off[r] ? v[k - delta[r]] : 0),
+// r in ascending output order (PyTorch's accumulation order); a and v are
+// readable `lead` before index 0. Each element written once, no zeroing.
+template <int R, typename acc, typename lane>
+void spread_to_quarter(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ out, const int (&off)[R],
+                       const int64_t (&delta)[R], int64_t n) {
+  int64_t back[R];  // offsets from the restrict-qualified bases: no run-time alias checks
+  for (int r = 0; r < R; ++r) back[r] = delta[r];
+  for (int64_t k = 0; k < n; ++k) {
+    acc sum = acc(0);
+    for (int r = 0; r < R; ++r) {
+      const acc v_r = v[k - back[r]];
+      sum += a[k - back[r]] == lane(off[r]) ? v_r : acc(0);
+    }
+    out[k] = sum;
+  }
+}
+
+// The pool's backward scatter of per-output values v through the argmax a
+// into the four quarters (Q apart) of a plane split by parity, as a gather:
+// quarter (row parity, column parity) element k is reached by window
+// position (dh, dw) of output k - (dh / 2) * S - dw / 2. Even rows and
+// columns are shared by two windows along each axis, the earlier output
+// (larger delta) first.
+template <typename acc, typename lane>
+void spread_to_quarters(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ quarters, int64_t S,
+                        int64_t Q) {
+  spread_to_quarter<4>(a, v, quarters, {8, 6, 2, 0}, {S + 1, S, 1, 0}, Q);  // even row, even column
+  spread_to_quarter<2>(a, v, quarters + Q, {7, 1}, {S, 0}, Q);               // even row, odd column
+  spread_to_quarter<2>(a, v, quarters + 2 * Q, {5, 3}, {1, 0}, Q);           // odd row, even column
+  spread_to_quarter<1>(a, v, quarters + 3 * Q, {4}, {0}, Q);                 // odd row, odd column
+}
+
 // NCHW backward for whole 3x3 / stride 2 windows (whole_3x3s2_windows).
 // A task is one image and a range of channels [c0, c1), walked a channel
 // at a time: every plane is split by row and column parity into four
@@ -497,6 +531,8 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
   int64_t shift[9];  // window position -> its quarter element's offset from the flat output index
   for (int dh = 0; dh < 3; ++dh)
     for (int dw = 0; dw < 3; ++dw) shift[pool::encode_offset(dh, dw, 3)] = ((dh % 2) * 2 + dw % 2) * Q + (dh / 2) * S + dw / 2;
+  const int64_t out_h = g.out_h, out_w = g.out_w;  // locals: stores through lane* cannot alias them
+  const int64_t lead = S + 1;  // farthest output before an element whose window reaches it, in flat indices
   // Channel ranges: enough tasks for every thread (halo recompute: before + after planes of x, after of terms).
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N));
   const int64_t chunk = (C + chunks - 1) / chunks;
@@ -504,8 +540,10 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
     // Zero-filled once: the quarters' unused padding stays 0 (finite).
     std::vector<acc> x_ring(static_cast<size_t>(ring * QP), acc(0)), t_ring(x_ring.size(), acc(0)),
         g_ring(x_ring.size(), acc(0)), sums(static_cast<size_t>(QP), acc(0));
-    std::vector<acc> dy_flat(static_cast<size_t>(flat)), sa(dy_flat.size()), xa(dy_flat.size());
-    std::vector<lane> a_flat(static_cast<size_t>(flat));
+    // Per output, at flat index + lead: lead outputs before (and some after)
+    // that match no window position, so the spreads read them unguarded.
+    std::vector<acc> d_pad(static_cast<size_t>(lead + Q), acc(0)), t_pad(d_pad.size(), acc(0)), g_pad(d_pad.size(), acc(0));
+    std::vector<lane> a_pad(d_pad.size(), lane(9));
     std::vector<const acc*> window_planes(static_cast<size_t>(ring));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk, c1 = std::min<int64_t>(C, c0 + chunk);
@@ -555,36 +593,33 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
           // the columns past out_w match no window position.
           const scalar_t* __restrict__ dyc = dy + (n * C + c) * out_plane;
           const uint8_t* __restrict__ ac = argmax + (n * C + c) * out_plane;
-          lane* __restrict__ a = a_flat.data();
-          acc* __restrict__ d = dy_flat.data();
-          for (int64_t oh = 0; oh < g.out_h; ++oh) {
-            const uint8_t* __restrict__ a_row = ac + oh * g.out_w;
-            const scalar_t* __restrict__ dy_row = dyc + oh * g.out_w;
+          lane* __restrict__ a = a_pad.data() + lead;
+          acc* __restrict__ d = d_pad.data() + lead;
+          for (int64_t oh = 0; oh < out_h; ++oh) {
+            const uint8_t* __restrict__ a_row = ac + oh * out_w;
+            const scalar_t* __restrict__ dy_row = dyc + oh * out_w;
             lane* __restrict__ a_out = a + oh * S;
             acc* __restrict__ d_out = d + oh * S;
-            for (int64_t ow = 0; ow < g.out_w; ++ow) {
+            for (int64_t ow = 0; ow < out_w; ++ow) {
               a_out[ow] = a_row[ow];
               d_out[ow] = static_cast<acc>(dy_row[ow]);
             }
-            for (int64_t ow = g.out_w; ow < S; ++ow) {
+            for (int64_t ow = out_w; ow < S; ++ow) {
               a_out[ow] = lane(9);
               d_out[ow] = acc(0);
             }
           }
-          for (int64_t i = 0; i < QP; ++i) tc[i] = gc[i] = acc(0);
           if (sums_allow_sparse(sum, QP, coefs)) {
-            acc* __restrict__ s_at = sa.data();
-            acc* __restrict__ x_at = xa.data();
-            for (int64_t i = 0; i < flat; ++i) s_at[i] = x_at[i] = acc(0);
-            for (int off = 0; off < 9; ++off) take_at_argmax(s_at, x_at, sum + shift[off], xc + shift[off], a, lane(off), flat);
-            terms_at_argmax(d, s_at, x_at, flat, coefs);
-            // Descending positions: an element shared by windows receives them in ascending output order.
-            for (int off = 8; off >= 0; --off) {
-              add_at_argmax(tc + shift[off], s_at, a, lane(off), flat);
-              add_at_argmax(gc + shift[off], x_at, a, lane(off), flat);
-            }
+            acc* __restrict__ t = t_pad.data() + lead;
+            acc* __restrict__ g_ip = g_pad.data() + lead;
+            // Window sum and x at each output's argmax (in t and g_ip), then its terms there.
+            for (int64_t i = 0; i < flat; ++i) t[i] = g_ip[i] = acc(0);
+            for (int off = 0; off < 9; ++off) take_at_argmax(t, g_ip, sum + shift[off], xc + shift[off], a, lane(off), flat);
+            terms_at_argmax(d, t, g_ip, flat, coefs);
+            spread_to_quarters(a, t, tc, S, Q);
+            spread_to_quarters(a, g_ip, gc, S, Q);
           } else {
-            for (int off = 8; off >= 0; --off) add_at_argmax(gc + shift[off], d, a, lane(off), flat);
+            spread_to_quarters(a, d, gc, S, Q);
             dense_terms(sum, xc, gc, tc, QP, coefs);
           }
         };
