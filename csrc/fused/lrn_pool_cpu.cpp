@@ -459,6 +459,17 @@ void grad_inputs(const acc* __restrict__ g_ip, const src_t* __restrict__ x, cons
   for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t[i], c));
 }
 
+// One row of argmax offsets and pooled gradients, widened to the lane and
+// accumulation types (a function: its restrict parameters let it vectorise).
+template <typename lane, typename acc, typename scalar_t>
+void widen_row(const uint8_t* __restrict__ a_in, const scalar_t* __restrict__ dy_in, lane* __restrict__ a_out,
+               acc* __restrict__ dy_out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    a_out[i] = a_in[i];
+    dy_out[i] = static_cast<acc>(dy_in[i]);
+  }
+}
+
 // One quarter's elements k from the outputs whose window reaches them:
 // out[k] = 0 + sum over r of (a[k - delta[r]] == off[r] ? v[k - delta[r]] : 0),
 // r in ascending output order (PyTorch's accumulation order); a and v are
@@ -596,14 +607,9 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
           lane* __restrict__ a = a_pad.data() + lead;
           acc* __restrict__ d = d_pad.data() + lead;
           for (int64_t oh = 0; oh < out_h; ++oh) {
-            const uint8_t* __restrict__ a_row = ac + oh * out_w;
-            const scalar_t* __restrict__ dy_row = dyc + oh * out_w;
+            widen_row(ac + oh * out_w, dyc + oh * out_w, a + oh * S, d + oh * S, out_w);
             lane* __restrict__ a_out = a + oh * S;
             acc* __restrict__ d_out = d + oh * S;
-            for (int64_t ow = 0; ow < out_w; ++ow) {
-              a_out[ow] = a_row[ow];
-              d_out[ow] = static_cast<acc>(dy_row[ow]);
-            }
             for (int64_t ow = out_w; ow < S; ++ow) {
               a_out[ow] = lane(9);
               d_out[ow] = acc(0);
