@@ -11,20 +11,21 @@
 // pool_math.h's window_max() scan order and takes_max() rule (ties: first
 // element; NaN: the last NaN).
 //
-// Backward: a task is one image and a band of input rows (each dx element
-// has exactly one writer). d loss / d lrn_out is the pooled gradients
-// scattered to their argmax, so it is non-zero at about a quarter of the
-// elements: the task recomputes the LRN denominators (lrn_math.h) only
-// there, from x, adds their terms in output order (PyTorch's summation
-// order) into zeroed (C, B) buffers, then takes the backward window sums
-// and dx densely (adds and multiplies only). A band holding a non-finite x
-// (or k = 0) takes the dense formula instead, so NaN and inf spread exactly
-// as through the unfused pair.
-//
-// Backward buffers are channel-major in both layouts, so the inner loops
-// run over contiguous pixels of a channel and vectorise; only the copies in
-// and out know the layout. All hot loops are compiled for AVX-512/AVX2
-// where the CPU has them (common/cpu_isa.h).
+// Backward: d loss / d lrn_out is the pooled gradients scattered to their
+// argmax, so it is non-zero at about a quarter of the elements: the LRN
+// denominators (lrn_math.h) are recomputed from x only there, and their
+// terms added in output order (PyTorch's summation order); the window sums
+// and dx are dense passes (adds and multiplies only). Where the window sums
+// are not all finite (or k = 0, alpha < 0) the dense formula runs instead,
+// so NaN and inf spread exactly as through the unfused pair. Each dx
+// element has one writer. NCHW 3x3 / stride 2 (backward_nchw_3x3s2): a task
+// walks one image's channels over planes split by row and column parity,
+// as the forward does, so the gathers and scatters at the argmax are
+// unit-stride select passes. channels_last (backward_channels_last): a
+// task is one image and a band of rows, vectorised along the channels in
+// the layout. Other NCHW windows (backward_nchw_bands): bands of rows in
+// channel-major buffers. All hot loops are compiled for AVX-512/AVX2 where
+// the CPU has them (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -46,9 +47,8 @@ using pool::PoolGeometry;
 // Size of one (C, B) buffer a task aims for: its few buffers stay in L2.
 constexpr int64_t kBufferBytes = 256 * 1024;
 
-// Rows [r0, r0 + rows) of one (C, H, W) image in either layout, and their
-// (C, B = rows * W) channel-major buffer: copies walk memory in order.
-template <bool kChannelsLast>
+// Rows [r0, r0 + rows) of one NCHW (C, H, W) image, copied into their
+// (C, B = rows * W) channel-major buffer in the accumulation type.
 struct Band {
   int64_t C, H, W, r0, rows;
   int64_t pixels() const { return rows * W; }
@@ -56,40 +56,12 @@ struct Band {
   template <typename acc, typename scalar_t>
   void load(const scalar_t* img, acc* buf) const {
     const int64_t B = pixels();
-    if (kChannelsLast) {
-      const scalar_t* src = img + r0 * W * C;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) buf[c * B + b] = static_cast<acc>(src[b * C + c]);
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* src = img + (c * H + r0) * W;
-        for (int64_t b = 0; b < B; ++b) buf[c * B + b] = static_cast<acc>(src[b]);
-      }
-    }
-  }
-
-  template <typename scalar_t, typename acc>
-  void store(const acc* buf, scalar_t* img) const {
-    const int64_t B = pixels();
-    if (kChannelsLast) {
-      scalar_t* dst = img + r0 * W * C;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) dst[b * C + c] = static_cast<scalar_t>(buf[c * B + b]);
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t* dst = img + (c * H + r0) * W;
-        for (int64_t b = 0; b < B; ++b) dst[b] = static_cast<scalar_t>(buf[c * B + b]);
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* src = img + (c * H + r0) * W;
+      for (int64_t b = 0; b < B; ++b) buf[c * B + b] = static_cast<acc>(src[b]);
     }
   }
 };
-
-// Offset of pooled element (c, oh, ow) inside image n's output.
-template <bool kChannelsLast>
-int64_t pooled_offset(const PoolGeometry& g, int64_t c, int oh, int ow) {
-  const int64_t pixel = int64_t{oh} * g.out_w + ow;
-  return kChannelsLast ? pixel * g.channels + c : c * g.out_h * g.out_w + pixel;
-}
 
 // out[b] = sum of f(buf[j*stride + b]) over the channels j in [c - lo, c + hi] ∩ [0, C),
 // in ascending j (the order of the unfused LRN kernel): a channel's window,
@@ -737,9 +709,11 @@ void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const sca
   });
 }
 
-template <typename scalar_t, bool kChannelsLast>
-void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
-                   const LrnPoolParams& p) {
+// NCHW backward, any window (the 3x3 / stride 2 one has backward_nchw_3x3s2):
+// a task is one image and a band of input rows, in channel-major buffers.
+template <typename scalar_t>
+void backward_nchw_bands(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                         const LrnPoolParams& p) {
   using acc = at::opmath_type<scalar_t>;
   const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
   const PoolGeometry& g = p.pool;
@@ -763,16 +737,16 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
       const int64_t n = t / bands;
       const int h0 = static_cast<int>((t % bands) * rows);
       const int h1 = static_cast<int>(std::min<int64_t>(H, h0 + rows));
-      const Band<kChannelsLast> band{C, H, W, h0, h1 - h0};
+      const Band band{C, H, W, h0, h1 - h0};
       const int64_t B = band.pixels();
       sums.resize(static_cast<size_t>(B));
       grads.assign(static_cast<size_t>(C * B), acc(0));  // d loss / d lrn_out, then g * s^-beta
       terms.assign(static_cast<size_t>(C * B), acc(0));  // t = g * x * s^-beta / s
-      // The band's x, channel-major with channels xstride apart: NCHW float
-      // and double read it in place, the rest from a (C, B) copy in acc.
+      // The band's x, channel-major with channels xstride apart: float and
+      // double read it in place, the rest from a (C, B) copy in acc.
       const acc* xb;
       int64_t xstride;
-      if constexpr (!kChannelsLast && std::is_same<acc, scalar_t>::value) {
+      if constexpr (std::is_same<acc, scalar_t>::value) {
         xb = x + n * in_image + int64_t{h0} * W;
         xstride = H * W;
       } else {
@@ -798,7 +772,7 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
         for (int oh = oh_lo; oh <= oh_hi; ++oh) {
           const int row0 = pool::window_start(oh, g.sh, g.ph);
           for (int ow = 0; ow < g.out_w; ++ow) {
-            const int64_t o = pooled_offset<kChannelsLast>(g, c, oh, ow);
+            const int64_t o = (c * g.out_h + oh) * g.out_w + ow;
             const int off = an[o];
             if (off >= window) continue;  // not an offset of this window: skipped, never written out of bounds
             const int ih = row0 + off_row[off];
@@ -853,23 +827,16 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
             }
           }
         }
-        // dx over the mirrored window R(c). NCHW: straight into dx (the
-        // band's rows of a channel are contiguous there); channels_last:
-        // over grads[c], which no other channel needs, copied out below.
+        // dx over the mirrored window R(c), straight into dx (the band's
+        // rows of a channel are contiguous).
         for (int64_t c = 0; c < C; ++c) {
           window_rows(terms.data(), B, sums.data(), c, C, B, after, before, [](acc v) { return v; });
           const acc* xc = xb + c * xstride;
-          acc* gc = grads.data() + c * B;
-          if (kChannelsLast) {
-            for (int64_t b = 0; b < B; ++b) gc[b] = lrn::grad_input(gc[b], xc[b], sums[b], coefs);
-          } else {
-            scalar_t* __restrict__ dxc = dx + n * in_image + (c * H + h0) * W;
-            for (int64_t b = 0; b < B; ++b)
-              dxc[b] = static_cast<scalar_t>(lrn::grad_input(gc[b], xc[b], sums[b], coefs));
-          }
+          const acc* gc = grads.data() + c * B;
+          scalar_t* __restrict__ dxc = dx + n * in_image + (c * H + h0) * W;
+          for (int64_t b = 0; b < B; ++b) dxc[b] = static_cast<scalar_t>(lrn::grad_input(gc[b], xc[b], sums[b], coefs));
         }
       });
-      if (kChannelsLast) band.store(grads.data(), dx + n * in_image);
     }
   });
 }
@@ -908,7 +875,7 @@ void lrn_max_pool2d_backward_cpu(const at::Tensor& dy, const at::Tensor& argmax,
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     if (p.lrn.channels_last) backward_channels_last(dyp, ap, xp, dxp, p);
     else if (whole_3x3s2_windows(p.pool)) backward_nchw_3x3s2(dyp, ap, xp, dxp, p);
-    else backward_impl<scalar_t, false>(dyp, ap, xp, dxp, p);
+    else backward_nchw_bands(dyp, ap, xp, dxp, p);
   });
 }
 
