@@ -153,7 +153,7 @@ def test_nan_and_inf_like_the_unfused_pair(device, layout, plane):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("size", [1, 4, 5, 7])
-def test_thread_task_splits_equal_torch_pair(layout, threads, size):
+def test_cpu_task_splits_equal_torch_pair(layout, threads, size):
     # The CPU backward splits one image between threads: NCHW 3x3/2 into
     # channel ranges (each recomputes the planes its LRN windows reach past
     # its ends), channels_last into bands of rows (windows cut at the
@@ -174,7 +174,7 @@ def test_thread_task_splits_equal_torch_pair(layout, threads, size):
     ((1, 70, 8, 7), 65, (2, 2, 1, True)),
 ])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_wide_windows_and_row_bands_equal_torch_pair(shape, size, window, layout):
+def test_cpu_wide_windows_and_row_bands_equal_torch_pair(shape, size, window, layout):
     x = random_input(shape, torch.float64, "cpu", layout, scale=2.0, requires_grad=True)
     check_against_reference(lambda t: fused(t, size, *window), lambda t: torch_pair(t, size, *window), [x],
                             torch.float64)
