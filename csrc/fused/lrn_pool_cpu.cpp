@@ -522,7 +522,7 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     // Zero-filled once: the quarters' unused padding stays 0 (finite).
     std::vector<acc> x_ring(static_cast<size_t>(ring * QP), acc(0)), t_ring(x_ring.size(), acc(0)),
-        g_ring(x_ring.size(), acc(0)), sums(static_cast<size_t>(QP), acc(0));
+        g_ring(x_ring.size(), acc(0)), sums(static_cast<size_t>(QP), acc(0)), dx_quarters(sums.size());
     // Per output, at flat index + lead: lead outputs before (and some after)
     // that match no window position, so the spreads read them unguarded.
     std::vector<acc> d_pad(static_cast<size_t>(lead + Q), acc(0)), t_pad(d_pad.size(), acc(0)), g_pad(d_pad.size(), acc(0));
@@ -603,8 +603,8 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
         };
         const auto grad_input_of = [&](int64_t c) {
           ring_window(tq, c, after, before, [](acc v) { return v; });
-          grad_inputs(gq(c), xq(c), sum, sum, QP, coefs);  // in place: dx in quarter layout
-          merge(sum, dx + (n * C + c) * P);
+          grad_inputs(gq(c), xq(c), sum, dx_quarters.data(), QP, coefs);
+          merge(dx_quarters.data(), dx + (n * C + c) * P);
         };
         const int64_t j0 = std::max<int64_t>(0, c0 - before - after);
         for (int64_t j = j0; j - after - before < c1; ++j) {
