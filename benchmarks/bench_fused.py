@@ -1,6 +1,7 @@
 """Fused LRN + max-pool against the two operators in sequence.
 
-    python benchmarks/bench_fused.py [--out DIR] [--quick] [--threads N]
+    python benchmarks/bench_fused.py [--out DIR] [--quick] [--threads N] [--model-batch B] [--model-rounds R]
+                                     [--no-model]
 
 AlexNet's norm1/pool1 and norm2/pool2 (LRN size 5, alpha 5e-4, beta 0.75,
 k 2; max-pool 3x3 stride 2), at the per-column channel counts of the
@@ -16,10 +17,21 @@ structured (the pair also writes and reads back the LRN output and, in
 backward, its gradient). `gbs` is impl_bytes per second and
 `frac_copy_bw` is min_bytes per second over the copy bandwidth measured in
 the same run. CPU rows always (N=16, float32); CUDA rows when a GPU is
-visible (N=128, float32/bfloat16/float16). Writes
+visible (N=128, float32/bfloat16/float16). The implementations of one shape
+are timed in interleaved rounds (each once per round; --reps rounds on a
+GPU, a fifth of them, at least 5, on the CPU), so that load changes on a
+shared machine hit them alike.
+
+Whole model: one AlexNet training step (forward, cross-entropy, backward,
+SGD with momentum; float32, NCHW, 224x224, batch --model-batch) of
+AlexNet(fuse_lrn_pool=True) against AlexNet(fuse_lrn_pool=False) (our LRN
+and max-pool as separate layers), same weights, stepped alternately for
+--model-rounds rounds so that load changes on a shared machine hit both:
+median and 10th/90th percentile of the steps. Writes
 benchmarks/results/fused_<device>.{csv,md,png}.
 """
 import os
+import statistics
 import sys
 
 import torch
@@ -30,6 +42,7 @@ import harness  # noqa: E402
 
 import alexnet_ext  # noqa: E402
 from alexnet_ext.functional import local_response_norm, local_response_norm_max_pool2d, max_pool2d  # noqa: E402
+from alexnet_ext.models import AlexNet  # noqa: E402
 
 # name -> (C, H, W): per column of the two-column model, and the whole layer.
 SHAPES = {
@@ -79,9 +92,74 @@ def traffic(numel, out_numel, elem):
             (True, "fwd"): pair_fwd, (True, "fwd+bwd"): pair_fwd + pair_bwd}
 
 
+def interleaved_ms(fns, device, n_sets, warmup, rounds):
+    """{key: (median, (p10, p90)) ms} of fns[key](i): after `warmup` calls of
+    each, `rounds` rounds that time every function once in turn (harness
+    timer, inputs rotated among n_sets), so a change of load on a shared
+    machine hits all of them alike rather than whichever ran then."""
+    for fn in fns.values():
+        harness.time_ms(fn, device, n_sets, warmup, 1)
+    samples = {key: [] for key in fns}
+    for r in range(rounds):
+        for key, fn in fns.items():
+            samples[key].append(harness.time_ms(lambda i, fn=fn: fn((r + i) % n_sets), device, 1, 0, 1)[0])
+    stats = {}
+    for key, ms in samples.items():
+        ms.sort()
+        q = lambda f: ms[min(len(ms) - 1, int(f * len(ms)))]  # noqa: E731  (harness.time_ms's percentiles)
+        stats[key] = (statistics.median(ms), (q(0.1), q(0.9)))
+    return stats
+
+
+def model_step_fn(fuse, batch, device, state):
+    """One SGD training step of AlexNet(fuse_lrn_pool=fuse), built on `device`
+    from the weights in `state`; fn(i) alternates between two batches."""
+    model = AlexNet(1000, init="default", fuse_lrn_pool=fuse)
+    model.load_state_dict(state)
+    model = model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(batch, 3, 224, 224, generator=gen) * 60).to(device) for _ in range(2)]
+    ys = [torch.randint(0, 1000, (batch,), generator=gen).to(device) for _ in range(2)]
+
+    def step(i):
+        loss = F.cross_entropy(model(xs[i % 2]), ys[i % 2])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_model_step(report, args, device):
+    """AlexNet training step with and without the fused operator, interleaved."""
+    batch = args.model_batch or (128 if device == "cuda" else (2 if args.quick else 8))
+    rounds = 3 if args.quick else args.model_rounds
+    state = AlexNet(1000, init="default").state_dict()
+    steps = {f"AlexNet fuse_lrn_pool={fuse}": model_step_fn(fuse, batch, device, state) for fuse in (True, False)}
+    stats = interleaved_ms(steps, device, 2, 1, rounds)
+    shape = f"AlexNet 224x224 batch {batch}"
+    medians = {}
+    for name, (ms, (p10, p90)) in stats.items():
+        medians[name] = ms
+        # Own columns (not `ms`): seconds-long steps would flatten the operator rows' plot.
+        report.add(shape=shape, dtype="float32", mode="train step", impl=name, step_ms=ms, step_ms_p10=p10,
+                   step_ms_p90=p90)
+    fused_ms, pair_ms = medians["AlexNet fuse_lrn_pool=True"], medians["AlexNet fuse_lrn_pool=False"]
+    report.add(shape=shape, dtype="float32", mode="train step", impl="speedup fused model vs pair model",
+               speedup=pair_ms / fused_ms)
+    report.note(f"Whole AlexNet training step (forward, loss, backward, SGD; float32 NCHW, batch {batch}, threads "
+                f"{torch.get_num_threads()}, {rounds} interleaved rounds, median): fuse_lrn_pool=True "
+                f"{fused_ms:.0f} ms, False {pair_ms:.0f} ms ({pair_ms / fused_ms:.3f}x).")
+
+
 def main(argv=None):
-    args = harness.parse_args(__doc__, argv, extra=lambda ap: ap.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: torch's)"))
+    def extra(ap):
+        ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+        ap.add_argument("--model-batch", type=int, default=None,
+                        help="batch of the whole-model step rows (default: 8 on the CPU, 128 on a GPU)")
+        ap.add_argument("--model-rounds", type=int, default=15, help="interleaved steps of each model")
+        ap.add_argument("--no-model", action="store_true", help="skip the whole-model step rows")
+    args = harness.parse_args(__doc__, argv, extra=extra)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -101,19 +179,22 @@ def main(argv=None):
             numel, out_numel = n * c * h * w, n * c * oh * ow
             elem = torch.finfo(dtype).bits // 8
             bytes_of = traffic(numel, out_numel, elem)
-            times = {}
+            n_sets = harness.rotation(2 * numel * elem, device)
+            fns, structure = {}, {}
             for name, (fwd, layout, is_pair) in implementations(device).items():
-                sets = harness.make_sets(harness.rotation(2 * numel * elem, device), (n, c, h, w), (n, c, oh, ow),
-                                         dtype, device, layout)
+                sets = harness.make_sets(n_sets, (n, c, h, w), (n, c, oh, ow), dtype, device, layout)
                 fb = harness.fwd_bwd(fwd)
-                for mode, fn in (("fwd", lambda i: fwd(sets[i][0].detach())), ("fwd+bwd", lambda i: fb(*sets[i]))):
-                    ms, (p10, p90) = harness.time_ms(fn, device, len(sets), args.warmup, reps)
-                    times[(name, mode)] = ms
-                    seconds = ms * 1e-3
-                    report.add(shape=shape_name, dtype=dname, mode=mode, impl=name, ms=ms, ms_p10=p10, ms_p90=p90,
-                               impl_bytes=bytes_of[(is_pair, mode)], min_bytes=bytes_of[(False, mode)],
-                               gbs=bytes_of[(is_pair, mode)] / seconds / 1e9,
-                               frac_copy_bw=bytes_of[(False, mode)] / seconds / 1e9 / copy_gbs)
+                fns[(name, "fwd")] = lambda i, fwd=fwd, sets=sets: fwd(sets[i][0].detach())
+                fns[(name, "fwd+bwd")] = lambda i, fb=fb, sets=sets: fb(*sets[i])
+                structure[name] = is_pair
+            times = {}
+            for (name, mode), (ms, (p10, p90)) in interleaved_ms(fns, device, n_sets, args.warmup, reps).items():
+                times[(name, mode)] = ms
+                is_pair, seconds = structure[name], ms * 1e-3
+                report.add(shape=shape_name, dtype=dname, mode=mode, impl=name, ms=ms, ms_p10=p10, ms_p90=p90,
+                           impl_bytes=bytes_of[(is_pair, mode)], min_bytes=bytes_of[(False, mode)],
+                           gbs=bytes_of[(is_pair, mode)] / seconds / 1e9,
+                           frac_copy_bw=bytes_of[(False, mode)] / seconds / 1e9 / copy_gbs)
             harness.add_speedups(report, times, shape=shape_name, dtype=dname)
             for layout in ("nchw", "channels_last"):
                 for mode in ("fwd", "fwd+bwd"):
@@ -122,6 +203,8 @@ def main(argv=None):
                     verdicts.append(f"{shape_name} {dname} {layout} {mode}: {s:.2f}x{check}")
     report.note(f"Fused speedup over our two operators in sequence, same layout (N={n}, threads "
                 f"{torch.get_num_threads()}): " + "; ".join(verdicts))
+    if not args.no_model:
+        bench_model_step(report, args, device)
     report.write(plot=("shape", "frac_copy_bw", "impl") if device == "cuda" else ("shape", "ms", "impl"))
 
 

@@ -150,6 +150,49 @@ def test_nan_and_inf_like_the_unfused_pair(device, layout, plane):
     check_against_reference(lambda t: fused(t, *window), lambda t: torch_pair(t, *window), [xg], torch.float64)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("size", [1, 4, 5, 7])
+def test_cpu_task_splits_equal_torch_pair(layout, threads, size):
+    # The CPU backward splits one image between threads: NCHW 3x3/2 into
+    # channel ranges (each recomputes the planes its LRN windows reach past
+    # its ends), channels_last into bands of rows (windows cut at the
+    # seams). Every LRN window shape across those seams, 1 and 3 threads.
+    x = random_input((1, 13, 15, 15), torch.float64, "cpu", layout, scale=2.0, requires_grad=True)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(lambda t: fused(t, size, 3, 2, 0, False),
+                                lambda t: torch_pair(t, size, 3, 2, 0, False), [x], torch.float64)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("shape, size, window", [
+    ((2, 64, 21, 64), 5, (3, 2, 0, False)),  # channels_last: rows split into bands that fit L2
+    ((1, 70, 7, 7), 65, (3, 2, 0, False)),  # LRN window wider than the CPU's unrolled window sums
+    ((1, 70, 8, 7), 65, (2, 2, 1, True)),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_wide_windows_and_row_bands_equal_torch_pair(shape, size, window, layout):
+    x = random_input(shape, torch.float64, "cpu", layout, scale=2.0, requires_grad=True)
+    check_against_reference(lambda t: fused(t, size, *window), lambda t: torch_pair(t, size, *window), [x],
+                            torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_negative_alpha_nan_like_the_unfused_pair(device, layout):
+    # alpha < 0 drives k + alpha/size * sum x^2 below zero: NaN LRN outputs
+    # and, through the backward's denominators, NaN gradients everywhere the
+    # unfused pair has them (not only at the pooled elements).
+    x = random_input((2, 7, 9, 9), torch.float64, device, layout, scale=2.0, requires_grad=True)
+    hp = dict(alpha=-0.2, beta=0.75, k=1.5)
+    out = check_against_reference(lambda t: fused(t, 5, 3, 2, 0, False, hp),
+                                  lambda t: torch_pair(t, 5, 3, 2, 0, False, hp), [x], torch.float64)
+    assert torch.isnan(out).any() and not torch.isnan(out).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_large_values_do_not_overflow(device):
     x = random_input((2, 8, 9, 9), torch.float16, device, scale=2000.0, requires_grad=True)

@@ -11,20 +11,21 @@
 // pool_math.h's window_max() scan order and takes_max() rule (ties: first
 // element; NaN: the last NaN).
 //
-// Backward: a task is one image and a band of input rows (each dx element
-// has exactly one writer). d loss / d lrn_out is the pooled gradients
-// scattered to their argmax, so it is non-zero at about a quarter of the
-// elements: the task recomputes the LRN denominators (lrn_math.h) only
-// there, from x, adds their terms in output order (PyTorch's summation
-// order) into zeroed (C, B) buffers, then takes the backward window sums
-// and dx densely (adds and multiplies only). A band holding a non-finite x
-// (or k = 0) takes the dense formula instead, so NaN and inf spread exactly
-// as through the unfused pair.
-//
-// Backward buffers are channel-major in both layouts, so the inner loops
-// run over contiguous pixels of a channel and vectorise; only the copies in
-// and out know the layout. All hot loops are compiled for AVX-512/AVX2
-// where the CPU has them (common/cpu_isa.h).
+// Backward: d loss / d lrn_out is the pooled gradients scattered to their
+// argmax, so it is non-zero at about a quarter of the elements: the LRN
+// denominators (lrn_math.h) are recomputed from x only there, and their
+// terms added in output order (PyTorch's summation order); the window sums
+// and dx are dense passes (adds and multiplies only). Where the window sums
+// are not all finite (or k = 0, alpha < 0) the dense formula runs instead,
+// so NaN and inf spread exactly as through the unfused pair. Each dx
+// element has one writer. NCHW 3x3 / stride 2 (backward_nchw_3x3s2): a task
+// walks one image's channels over planes split by row and column parity,
+// as the forward does, so the gathers and scatters at the argmax are
+// unit-stride select passes. channels_last (backward_channels_last): a
+// task is one image and a band of rows, vectorised along the channels in
+// the layout. Other NCHW windows (backward_nchw_bands): bands of rows in
+// channel-major buffers. All hot loops are compiled for AVX-512/AVX2 where
+// the CPU has them (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -46,9 +47,8 @@ using pool::PoolGeometry;
 // Size of one (C, B) buffer a task aims for: its few buffers stay in L2.
 constexpr int64_t kBufferBytes = 256 * 1024;
 
-// Rows [r0, r0 + rows) of one (C, H, W) image in either layout, and their
-// (C, B = rows * W) channel-major buffer: copies walk memory in order.
-template <bool kChannelsLast>
+// Rows [r0, r0 + rows) of one NCHW (C, H, W) image, copied into their
+// (C, B = rows * W) channel-major buffer in the accumulation type.
 struct Band {
   int64_t C, H, W, r0, rows;
   int64_t pixels() const { return rows * W; }
@@ -56,40 +56,12 @@ struct Band {
   template <typename acc, typename scalar_t>
   void load(const scalar_t* img, acc* buf) const {
     const int64_t B = pixels();
-    if (kChannelsLast) {
-      const scalar_t* src = img + r0 * W * C;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) buf[c * B + b] = static_cast<acc>(src[b * C + c]);
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* src = img + (c * H + r0) * W;
-        for (int64_t b = 0; b < B; ++b) buf[c * B + b] = static_cast<acc>(src[b]);
-      }
-    }
-  }
-
-  template <typename scalar_t, typename acc>
-  void store(const acc* buf, scalar_t* img) const {
-    const int64_t B = pixels();
-    if (kChannelsLast) {
-      scalar_t* dst = img + r0 * W * C;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) dst[b * C + c] = static_cast<scalar_t>(buf[c * B + b]);
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t* dst = img + (c * H + r0) * W;
-        for (int64_t b = 0; b < B; ++b) dst[b] = static_cast<scalar_t>(buf[c * B + b]);
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* src = img + (c * H + r0) * W;
+      for (int64_t b = 0; b < B; ++b) buf[c * B + b] = static_cast<acc>(src[b]);
     }
   }
 };
-
-// Offset of pooled element (c, oh, ow) inside image n's output.
-template <bool kChannelsLast>
-int64_t pooled_offset(const PoolGeometry& g, int64_t c, int oh, int ow) {
-  const int64_t pixel = int64_t{oh} * g.out_w + ow;
-  return kChannelsLast ? pixel * g.channels + c : c * g.out_h * g.out_w + pixel;
-}
 
 // out[b] = sum of f(buf[j*stride + b]) over the channels j in [c - lo, c + hi] ∩ [0, C),
 // in ascending j (the order of the unfused LRN kernel): a channel's window,
@@ -224,8 +196,82 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
   });
 }
 
-// Elements of the channels_last window sums taken at a time (16 KiB of floats).
-constexpr int64_t kSumChunk = 4096;
+// out[i] (+)= f(rows[0][i]) + ... + f(rows[R - 1][i]), added in that order
+// (onto 0 when kFirst): one pass, each sum kept in a register across the R
+// rows and stored once.
+template <int R, bool kFirst, typename acc, typename src_t, typename F>
+void add_rows(acc* __restrict__ out, const src_t* const* rows, int64_t n, F f) {
+  const src_t* __restrict__ row[R];
+  for (int r = 0; r < R; ++r) row[r] = rows[r];
+  for (int64_t i = 0; i < n; ++i) {
+    acc sum = kFirst ? acc(0) : out[i];
+    for (int r = 0; r < R; ++r) sum += f(static_cast<acc>(row[r][i]));
+    out[i] = sum;
+  }
+}
+
+// out[i] = sum of f(rows[r][i]) over r = 0 .. count - 1 (count >= 1) in
+// ascending r, for i in [0, n): up to four rows a pass.
+template <typename acc, typename src_t, typename F>
+void sum_rows(acc* __restrict__ out, const src_t* const* rows, int count, int64_t n, F f) {
+  for (int r = 0; r < count; r += 4) {
+    const auto pass = [&](auto first) {
+      constexpr bool kFirst = decltype(first)::value;
+      switch (std::min(4, count - r)) {
+        case 1: return add_rows<1, kFirst>(out, rows + r, n, f);
+        case 2: return add_rows<2, kFirst>(out, rows + r, n, f);
+        case 3: return add_rows<3, kFirst>(out, rows + r, n, f);
+        default: return add_rows<4, kFirst>(out, rows + r, n, f);
+      }
+    };
+    if (r == 0) pass(std::true_type{});
+    else pass(std::false_type{});
+  }
+}
+
+// Window offsets a channel window spans at most (the LRN size is checked
+// against it where the windows are set up).
+constexpr int kMaxWindowRows = 64;
+
+// channels_last window sums over a contiguous run of `pixels` pixels:
+// out[q * C + c] = sum of f(src[q * C + j]) over the channels j in
+// [c - lo, c + hi] ∩ [0, C), in ascending j (the unfused LRN's order). The
+// run is one contiguous array of E = pixels * C values, so the sums are
+// taken over all of it at once (long loops, no per-pixel remainders), as
+// sums of the run shifted by each window offset; the first `lo` and last
+// `hi` channels of each pixel have clipped windows (the flat sums reached
+// into the neighbouring pixels) and are redone one at a time. Forward: the
+// sums of squares, (lo, hi) = (before, after); backward: the sums of terms
+// over R(c), (after, before).
+template <typename acc, typename src_t, typename F>
+void channels_last_window_sums(const src_t* __restrict__ src, acc* __restrict__ out, int64_t pixels, int64_t C, int lo,
+                               int hi, F f) {
+  const int64_t E = pixels * C;
+  const int64_t c_a = std::min<int64_t>(lo, C), c_b = std::max<int64_t>(c_a, C - hi);  // unclipped: [c_a, c_b)
+  if (E - hi > lo && lo + hi < kMaxWindowRows) {
+    const src_t* shifted[kMaxWindowRows];
+    for (int d = -lo; d <= hi; ++d) shifted[d + lo] = src + lo + d;
+    sum_rows(out + lo, shifted, lo + hi + 1, E - hi - lo, f);
+  } else {
+    for (int64_t e = lo; e < E - hi; ++e) {
+      acc sum = acc(0);
+      for (int d = -lo; d <= hi; ++d) sum += f(static_cast<acc>(src[e + d]));
+      out[e] = sum;
+    }
+  }
+  for (int64_t q = 0; q < pixels; ++q) {
+    const src_t* __restrict__ sq = src + q * C;
+    acc* __restrict__ oq = out + q * C;
+    const auto clipped = [&](int64_t c) {
+      acc sum = acc(0);
+      for (int64_t j = std::max<int64_t>(0, c - lo); j <= std::min<int64_t>(C - 1, c + hi); ++j)
+        sum += f(static_cast<acc>(sq[j]));
+      oq[c] = sum;
+    };
+    for (int64_t c = 0; c < c_a; ++c) clipped(c);
+    for (int64_t c = c_b; c < C; ++c) clipped(c);
+  }
+}
 
 // channels_last forward. Channels are contiguous, so everything vectorises
 // along them: a task is one image and a band of pooled rows; it takes the
@@ -243,8 +289,6 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, uint8_t* argmax, cons
   const PoolGeometry& g = p.pool;
   const int64_t C = p.lrn.channels, H = g.in_h, W = g.in_w;
   const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
-  // Channels whose window is not clipped: [c_a, c_b).
-  const int64_t c_a = std::min<int64_t>(before, C), c_b = std::max<int64_t>(c_a, C - after);
   // Output rows per task: their input rows fill about one buffer (L2).
   const int64_t rows_fit = std::max<int64_t>(g.kh, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
   const int64_t rows_per_band_fit = std::max<int64_t>(1, (rows_fit - g.kh) / g.sh + 1);
@@ -272,38 +316,7 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, uint8_t* argmax, cons
         acc* __restrict__ band = lrn_band.data();
         const int64_t pixels = int64_t{h_hi - h_lo} * W, E = pixels * C;
         const scalar_t* __restrict__ xs = xn + int64_t{h_lo} * W * C;
-        // The band's pixels are one contiguous run of E = pixels * C values,
-        // so the window sums are taken over all of it at once (long loops,
-        // no per-pixel remainders), a window offset at a time in ascending
-        // channel order (the unfused LRN's). The first `before` and last
-        // `after` channels of each pixel have clipped windows (the flat sums
-        // reached into the neighbouring pixels): redone one at a time.
-        // In chunks of kSumChunk, so the sums being added to stay in L1.
-        for (int64_t e0 = before; e0 < E - after; e0 += kSumChunk) {
-          const int64_t e1 = std::min<int64_t>(E - after, e0 + kSumChunk);
-          for (int64_t e = e0; e < e1; ++e) band[e] = acc(0);
-          for (int d = -before; d <= after; ++d) {
-            const scalar_t* __restrict__ xd = xs + d;
-            for (int64_t e = e0; e < e1; ++e) {
-              const acc v = static_cast<acc>(xd[e]);
-              band[e] += v * v;
-            }
-          }
-        }
-        for (int64_t q = 0; q < pixels; ++q) {
-          const scalar_t* __restrict__ xq = xs + q * C;
-          acc* __restrict__ out = band + q * C;
-          const auto clipped = [&](int64_t c) {
-            acc s = acc(0);
-            for (int64_t j = std::max<int64_t>(0, c - before); j <= std::min<int64_t>(C - 1, c + after); ++j) {
-              const acc v = static_cast<acc>(xq[j]);
-              s += v * v;
-            }
-            out[c] = s;
-          };
-          for (int64_t c = 0; c < c_a; ++c) clipped(c);
-          for (int64_t c = c_b; c < C; ++c) clipped(c);
-        }
+        channels_last_window_sums(xs, band, pixels, C, before, after, [](acc v) { return v * v; });
         for (int64_t e = 0; e < E; ++e)
           band[e] = static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xs[e]), band[e], coefs)));
         acc* __restrict__ m = best.data();
@@ -343,9 +356,364 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, uint8_t* argmax, cons
   });
 }
 
-template <typename scalar_t, bool kChannelsLast>
-void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
-                   const LrnPoolParams& p) {
+// ---- Backward building blocks, shared by both layouts. ----
+//
+// Lanes are outputs of one channel (NCHW) or channels of one output pixel
+// (channels_last); a[i] is lane i's argmax offset, and one window position
+// `off` at a time, the element it names sits at the same index i of an
+// array shifted to that position. Each helper is one branch-free pass over
+// contiguous lanes, so it vectorises; a lane matches at most one position.
+
+// Whether the sparse backward equals the dense formula for these window
+// sums: t = 0 and g * s^-beta = 0 wherever g = 0 needs x finite and s > 0
+// and not NaN; x is in its own window, so all of it holds when every sum
+// is finite (sums - sums is 0, else NaN) and k > 0, alpha >= 0. An integer
+// AND reduction (a floating-point sum would be one serial chain of adds).
+template <typename acc>
+bool sums_allow_sparse(const acc* __restrict__ sums, int64_t n, const Coefs<acc>& c) {
+  int finite = 1;
+  for (int64_t i = 0; i < n; ++i) finite &= static_cast<int>(sums[i] - sums[i] == acc(0));
+  return finite != 0 && c.k > acc(0) && c.alpha_over_size >= acc(0);
+}
+
+// Gather for position `off`: (sa, xa)[i] = (sums, x)[i] where a[i] == off.
+template <typename acc, typename src_t, typename lane>
+void take_at_argmax(acc* __restrict__ sa, acc* __restrict__ xa, const acc* __restrict__ sums,
+                    const src_t* __restrict__ x, const lane* __restrict__ a, lane off, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc s = sums[i], v = static_cast<acc>(x[i]);  // loaded unconditionally: a select, not a branch
+    const bool hit = a[i] == off;
+    sa[i] = hit ? s : sa[i];
+    xa[i] = hit ? v : xa[i];
+  }
+}
+
+// The LRN backward's two per-element quantities at each output's argmax,
+// from its window sum (in: sa) and x (in: xa) and the pooled gradient:
+// sa <- t = dy * x * s^-beta / s, xa <- dy * s^-beta (lrn_math.h).
+template <typename acc>
+void terms_at_argmax(const acc* __restrict__ dy, acc* __restrict__ sa, acc* __restrict__ xa, int64_t n,
+                     const Coefs<acc>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc base = lrn::denominator_base(sa[i], c);
+    const acc ip = lrn::inv_pow(base, c);
+    sa[i] = lrn::grad_term(dy[i], xa[i], ip, base);
+    xa[i] = dy[i] * ip;
+  }
+}
+
+// Scatter for position `off`: dst[i] += v[i] where a[i] == off (adding 0
+// elsewhere is exact). Called for outputs in ascending order, so an element
+// that is the argmax of several windows sums them in PyTorch's order.
+template <typename acc, typename lane>
+void add_at_argmax(acc* __restrict__ dst, const acc* __restrict__ v, const lane* __restrict__ a, lane off, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += a[i] == off ? v[i] : acc(0);
+}
+
+// Dense LRN backward first half, for d lrn_out = g everywhere (the path
+// that spreads NaN and inf exactly as the unfused pair): t into `terms`,
+// g <- g * s^-beta.
+template <typename acc, typename src_t>
+void dense_terms(const acc* __restrict__ sums, const src_t* __restrict__ x, acc* __restrict__ g,
+                 acc* __restrict__ terms, int64_t n, const Coefs<acc>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc base = lrn::denominator_base(sums[i], c);
+    const acc ip = lrn::inv_pow(base, c);
+    terms[i] = lrn::grad_term(g[i], static_cast<acc>(x[i]), ip, base);
+    g[i] *= ip;
+  }
+}
+
+// dx = g * s^-beta - 2 alpha beta / size * x * (sum of t over R(c)).
+template <typename acc, typename src_t, typename dst_t>
+void grad_inputs(const acc* __restrict__ g_ip, const src_t* __restrict__ x, const acc* __restrict__ sum_t,
+                 dst_t* __restrict__ dx, int64_t n, const Coefs<acc>& c) {
+  for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t[i], c));
+}
+
+// One row of argmax offsets and pooled gradients, widened to the lane and
+// accumulation types (a function: its restrict parameters let it vectorise).
+template <typename lane, typename acc, typename scalar_t>
+void widen_row(const uint8_t* __restrict__ a_in, const scalar_t* __restrict__ dy_in, lane* __restrict__ a_out,
+               acc* __restrict__ dy_out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    a_out[i] = a_in[i];
+    dy_out[i] = static_cast<acc>(dy_in[i]);
+  }
+}
+
+// One quarter's elements k from the outputs whose window reaches them:
+// out[k] = 0 + sum over r of (a[k - delta[r]] == off[r] ? v[k - delta[r]] : 0),
+// r in ascending output order (PyTorch's accumulation order); a and v are
+// readable `lead` before index 0. Each element written once, no zeroing.
+template <int R, typename acc, typename lane>
+void spread_to_quarter(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ out, const int (&off)[R],
+                       const int64_t (&delta)[R], int64_t n) {
+  int64_t back[R];  // offsets from the restrict-qualified bases: no run-time alias checks
+  for (int r = 0; r < R; ++r) back[r] = delta[r];
+  for (int64_t k = 0; k < n; ++k) {
+    acc sum = acc(0);
+    for (int r = 0; r < R; ++r) {
+      const acc v_r = v[k - back[r]];
+      sum += a[k - back[r]] == lane(off[r]) ? v_r : acc(0);
+    }
+    out[k] = sum;
+  }
+}
+
+// The pool's backward scatter of per-output values v through the argmax a
+// into the four quarters (Q apart) of a plane split by parity, as a gather:
+// quarter (row parity, column parity) element k is reached by window
+// position (dh, dw) of output k - (dh / 2) * S - dw / 2. Even rows and
+// columns are shared by two windows along each axis, the earlier output
+// (larger delta) first.
+template <typename acc, typename lane>
+void spread_to_quarters(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ quarters, int64_t S,
+                        int64_t Q) {
+  spread_to_quarter<4>(a, v, quarters, {8, 6, 2, 0}, {S + 1, S, 1, 0}, Q);  // even row, even column
+  spread_to_quarter<2>(a, v, quarters + Q, {7, 1}, {S, 0}, Q);               // even row, odd column
+  spread_to_quarter<2>(a, v, quarters + 2 * Q, {5, 3}, {1, 0}, Q);           // odd row, even column
+  spread_to_quarter<1>(a, v, quarters + 3 * Q, {4}, {0}, Q);                 // odd row, odd column
+}
+
+// NCHW backward for whole 3x3 / stride 2 windows (whole_3x3s2_windows).
+// A task is one image and a range of channels [c0, c1), walked a channel
+// at a time: every plane is split by row and column parity into four
+// quarters, as the forward splits the LRN plane, so that window position
+// (dh, dw) of output (oh, ow) is the quarter element at the flat output
+// index oh * S + ow shifted by a constant: the gather of each output's
+// window sum and x at its argmax, and the scatter of its two terms back,
+// are nine unit-stride select passes over the plane's outputs. Only those
+// outputs (a quarter of the plane) pay for the denominators; the window
+// sums of squares and of terms and dx are dense passes over quarter
+// planes, which the channel window reads from rings of the last `size`
+// planes (x, t and g * s^-beta), L2-resident. Pipeline, at step j: load x
+// plane j; the terms of channel j - after (its window ends at j); dx of
+// channel j - after - before (its R window ends at j - after). A range
+// starting past channel 0 first recomputes the terms of the `after`
+// channels before it (halo), so images split over threads when N is small.
+// A plane whose window sums are not all finite takes the dense formula
+// (d lrn_out scattered, then every element), spreading NaN and inf as the
+// unfused pair does.
+template <typename scalar_t>
+void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                         const LrnPoolParams& p) {
+  using acc = at::opmath_type<scalar_t>;
+  using lane = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;  // mask width of acc
+  const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
+  const PoolGeometry& g = p.pool;
+  const int64_t N = p.lrn.outer, C = p.lrn.channels, H = g.in_h, W = g.in_w, P = H * W;
+  const int64_t out_plane = int64_t{g.out_h} * g.out_w;
+  const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
+  const int64_t ring = before + after + 1;
+  // Quarter geometry (as forward_nchw's): S columns, (H + 1) / 2 rows and
+  // one element of slack for the last flat pass; Q apart, four to a plane
+  // (QP, padded with zeros).
+  const int64_t S = (W + 1) / 2, Q = (H + 1) / 2 * S + 1, flat = int64_t{g.out_h} * S;
+  const int64_t QP = (4 * Q + 15) / 16 * 16;  // whole vectors
+  int64_t shift[9];  // window position -> its quarter element's offset from the flat output index
+  for (int dh = 0; dh < 3; ++dh)
+    for (int dw = 0; dw < 3; ++dw) shift[pool::encode_offset(dh, dw, 3)] = ((dh % 2) * 2 + dw % 2) * Q + (dh / 2) * S + dw / 2;
+  const int64_t out_h = g.out_h, out_w = g.out_w;  // locals: stores through lane* cannot alias them
+  const int64_t lead = S + 1;  // farthest output before an element whose window reaches it, in flat indices
+  // Channel ranges: enough tasks for every thread (halo recompute: before + after planes of x, after of terms).
+  const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N));
+  const int64_t chunk = (C + chunks - 1) / chunks;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    // Zero-filled once: the quarters' unused padding stays 0 (finite).
+    std::vector<acc> x_ring(static_cast<size_t>(ring * QP), acc(0)), t_ring(x_ring.size(), acc(0)),
+        g_ring(x_ring.size(), acc(0)), sums(static_cast<size_t>(QP), acc(0)), dx_quarters(sums.size());
+    // Per output, at flat index + lead: lead outputs before (and some after)
+    // that match no window position, so the spreads read them unguarded.
+    std::vector<acc> d_pad(static_cast<size_t>(lead + Q), acc(0)), t_pad(d_pad.size(), acc(0)), g_pad(d_pad.size(), acc(0));
+    std::vector<lane> a_pad(d_pad.size(), lane(9));
+    std::vector<const acc*> window_planes(static_cast<size_t>(ring));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk, c1 = std::min<int64_t>(C, c0 + chunk);
+      if (c0 >= c1) continue;
+      with_cpu_isa([&] {
+        acc* __restrict__ sum = sums.data();
+        const auto xq = [&](int64_t c) { return x_ring.data() + (c % ring) * QP; };
+        const auto tq = [&](int64_t c) { return t_ring.data() + (c % ring) * QP; };
+        const auto gq = [&](int64_t c) { return g_ring.data() + (c % ring) * QP; };
+        // Row h of a plane <-> its even and odd columns in quarters (h % 2, 0) and (h % 2, 1).
+        const auto split = [&](const scalar_t* __restrict__ plane, acc* __restrict__ q) {
+          for (int64_t h = 0; h < H; ++h) {
+            const scalar_t* __restrict__ row = plane + h * W;
+            acc* __restrict__ even = q + (h % 2) * 2 * Q + (h / 2) * S;
+            acc* __restrict__ odd = even + Q;
+            for (int64_t i = 0; i < W / 2; ++i) {
+              even[i] = static_cast<acc>(row[2 * i]);
+              odd[i] = static_cast<acc>(row[2 * i + 1]);
+            }
+            if (W % 2 != 0) even[W / 2] = static_cast<acc>(row[W - 1]);
+          }
+        };
+        const auto merge = [&](const acc* __restrict__ q, scalar_t* __restrict__ plane) {
+          for (int64_t h = 0; h < H; ++h) {
+            scalar_t* __restrict__ row = plane + h * W;
+            const acc* __restrict__ even = q + (h % 2) * 2 * Q + (h / 2) * S;
+            const acc* __restrict__ odd = even + Q;
+            for (int64_t i = 0; i < W / 2; ++i) {
+              row[2 * i] = static_cast<scalar_t>(even[i]);
+              row[2 * i + 1] = static_cast<scalar_t>(odd[i]);
+            }
+            if (W % 2 != 0) row[W - 1] = static_cast<scalar_t>(even[W / 2]);
+          }
+        };
+        // sum <- the window sum of f over the ring's channels [c - lo, c + hi] ∩ [0, C), ascending.
+        const auto ring_window = [&](auto plane_of, int64_t c, int lo, int hi, auto f) {
+          const int64_t first = std::max<int64_t>(0, c - lo), last = std::min<int64_t>(C - 1, c + hi);
+          for (int64_t j = first; j <= last; ++j) window_planes[j - first] = plane_of(j);
+          sum_rows(sum, window_planes.data(), static_cast<int>(last - first + 1), QP, f);
+        };
+        const auto terms_of = [&](int64_t c) {
+          ring_window(xq, c, before, after, [](acc v) { return v * v; });
+          const acc* __restrict__ xc = xq(c);
+          acc* __restrict__ tc = tq(c);
+          acc* __restrict__ gc = gq(c);
+          // The channel's pooled gradients and argmax at flat output indices;
+          // the columns past out_w match no window position.
+          const scalar_t* __restrict__ dyc = dy + (n * C + c) * out_plane;
+          const uint8_t* __restrict__ ac = argmax + (n * C + c) * out_plane;
+          lane* __restrict__ a = a_pad.data() + lead;
+          acc* __restrict__ d = d_pad.data() + lead;
+          for (int64_t oh = 0; oh < out_h; ++oh) {
+            widen_row(ac + oh * out_w, dyc + oh * out_w, a + oh * S, d + oh * S, out_w);
+            lane* __restrict__ a_out = a + oh * S;
+            acc* __restrict__ d_out = d + oh * S;
+            for (int64_t ow = out_w; ow < S; ++ow) {
+              a_out[ow] = lane(9);
+              d_out[ow] = acc(0);
+            }
+          }
+          if (sums_allow_sparse(sum, QP, coefs)) {
+            acc* __restrict__ t = t_pad.data() + lead;
+            acc* __restrict__ g_ip = g_pad.data() + lead;
+            // Window sum and x at each output's argmax (in t and g_ip), then its terms there.
+            for (int64_t i = 0; i < flat; ++i) t[i] = g_ip[i] = acc(0);
+            for (int off = 0; off < 9; ++off) take_at_argmax(t, g_ip, sum + shift[off], xc + shift[off], a, lane(off), flat);
+            terms_at_argmax(d, t, g_ip, flat, coefs);
+            spread_to_quarters(a, t, tc, S, Q);
+            spread_to_quarters(a, g_ip, gc, S, Q);
+          } else {
+            spread_to_quarters(a, d, gc, S, Q);
+            dense_terms(sum, xc, gc, tc, QP, coefs);
+          }
+        };
+        const auto grad_input_of = [&](int64_t c) {
+          ring_window(tq, c, after, before, [](acc v) { return v; });
+          grad_inputs(gq(c), xq(c), sum, dx_quarters.data(), QP, coefs);
+          merge(dx_quarters.data(), dx + (n * C + c) * P);
+        };
+        const int64_t j0 = std::max<int64_t>(0, c0 - before - after);
+        for (int64_t j = j0; j - after - before < c1; ++j) {
+          if (j < C) split(x + (n * C + j) * P, xq(j));
+          const int64_t ct = j - after;
+          if (ct >= std::max<int64_t>(0, c0 - after) && ct < C) terms_of(ct);
+          const int64_t cd = j - after - before;
+          if (cd >= c0) grad_input_of(cd);
+        }
+      });
+    }
+  });
+}
+
+// channels_last backward, any window. A task is one image and a band of
+// input rows [h0, h1) (each dx element has one writer); everything stays in
+// the layout, vectorised along the contiguous channels as the forward is:
+// the band's window sums of squares, then for every output whose window
+// reaches into the band (ascending) a select pass per window position over
+// its C channels gathers the window sum and x at the argmax, the terms are
+// computed there only, and a select pass per position adds them back; then
+// the window sums of the terms and dx, written straight into the band's dx
+// rows. Positions outside the band are skipped (their elements are another
+// band's). A band whose sums are not all finite takes the dense formula.
+template <typename scalar_t>
+void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                            const LrnPoolParams& p) {
+  using acc = at::opmath_type<scalar_t>;
+  using lane = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;  // mask width of acc
+  const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
+  const PoolGeometry& g = p.pool;
+  const int64_t N = p.lrn.outer, C = p.lrn.channels, H = g.in_h, W = g.in_w;
+  const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
+  const int64_t rows_fit = std::max<int64_t>(1, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
+  const int64_t min_bands = (at::get_num_threads() + N - 1) / N;  // enough tasks for every thread
+  const int64_t bands = std::min<int64_t>(H, std::max<int64_t>(min_bands, (H + rows_fit - 1) / rows_fit));
+  const int64_t rows = (H + bands - 1) / bands;
+  const int64_t in_image = C * H * W, out_image = C * g.out_h * g.out_w;
+  at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> sums, terms, g_ip, dy_at(static_cast<size_t>(C)), sa(dy_at.size()), xa(dy_at.size());
+    std::vector<lane> a_at(static_cast<size_t>(C));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands;
+      const int h0 = static_cast<int>((task % bands) * rows), h1 = static_cast<int>(std::min<int64_t>(H, h0 + rows));
+      if (h0 >= h1) continue;
+      const int64_t E = int64_t{h1 - h0} * W * C;
+      sums.resize(static_cast<size_t>(E));
+      terms.assign(static_cast<size_t>(E), acc(0));
+      g_ip.assign(static_cast<size_t>(E), acc(0));  // d loss / d lrn_out, then g * s^-beta
+      const scalar_t* __restrict__ xs = x + n * in_image + int64_t{h0} * W * C;
+      const scalar_t* dyn = dy + n * out_image;
+      const uint8_t* an = argmax + n * out_image;
+      int oh_lo, oh_hi, unused;  // the output rows whose windows reach into the band
+      pool::covering_outputs(h0, g.kh, g.sh, g.ph, g.out_h, &oh_lo, &unused);
+      pool::covering_outputs(h1 - 1, g.kh, g.sh, g.ph, g.out_h, &unused, &oh_hi);
+      with_cpu_isa([&] {
+        acc* __restrict__ sum = sums.data();
+        acc* __restrict__ tb = terms.data();
+        acc* __restrict__ gb = g_ip.data();
+        channels_last_window_sums(xs, sum, E / C, C, before, after, [](acc v) { return v * v; });
+        const bool sparse = sums_allow_sparse(sum, E, coefs);
+        lane* __restrict__ a = a_at.data();
+        acc* __restrict__ d = dy_at.data();
+        for (int oh = oh_lo; oh <= oh_hi; ++oh) {
+          const int hs = pool::window_start(oh, g.sh, g.ph);
+          const int ih_lo = ax_max(ax_max(hs, 0), h0), ih_hi = ax_min(ax_min(hs + g.kh, g.in_h), h1);
+          if (ih_lo >= ih_hi) continue;
+          for (int ow = 0; ow < g.out_w; ++ow) {
+            const int ws = pool::window_start(ow, g.sw, g.pw);
+            const int iw_lo = ax_max(ws, 0), iw_hi = ax_min(ws + g.kw, g.in_w);
+            const int64_t o = (int64_t{oh} * g.out_w + ow) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              a[c] = an[o + c];
+              d[c] = static_cast<acc>(dyn[o + c]);
+            }
+            // Each window position inside the band: its element offset in the band and its code.
+            const auto for_positions = [&](auto fn) {
+              for (int ih = ih_lo; ih < ih_hi; ++ih)
+                for (int iw = iw_lo; iw < iw_hi; ++iw)
+                  fn((int64_t{ih - h0} * W + iw) * C, lane(pool::encode_offset(ih - hs, iw - ws, g.kw)));
+            };
+            if (sparse) {
+              acc* __restrict__ s_at = sa.data();
+              acc* __restrict__ x_at = xa.data();
+              for (int64_t c = 0; c < C; ++c) s_at[c] = x_at[c] = acc(0);
+              for_positions([&](int64_t e, lane off) { take_at_argmax(s_at, x_at, sum + e, xs + e, a, off, C); });
+              terms_at_argmax(d, s_at, x_at, C, coefs);
+              for_positions([&](int64_t e, lane off) {
+                add_at_argmax(tb + e, s_at, a, off, C);
+                add_at_argmax(gb + e, x_at, a, off, C);
+              });
+            } else {
+              for_positions([&](int64_t e, lane off) { add_at_argmax(gb + e, d, a, off, C); });
+            }
+          }
+        }
+        if (!sparse) dense_terms(sum, xs, gb, tb, E, coefs);
+        channels_last_window_sums(tb, sum, E / C, C, after, before, [](acc v) { return v; });
+        grad_inputs(gb, xs, sum, dx + n * in_image + int64_t{h0} * W * C, E, coefs);
+      });
+    }
+  });
+}
+
+// NCHW backward, any window (the 3x3 / stride 2 one has backward_nchw_3x3s2):
+// a task is one image and a band of input rows, in channel-major buffers.
+template <typename scalar_t>
+void backward_nchw_bands(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                         const LrnPoolParams& p) {
   using acc = at::opmath_type<scalar_t>;
   const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
   const PoolGeometry& g = p.pool;
@@ -369,16 +737,16 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
       const int64_t n = t / bands;
       const int h0 = static_cast<int>((t % bands) * rows);
       const int h1 = static_cast<int>(std::min<int64_t>(H, h0 + rows));
-      const Band<kChannelsLast> band{C, H, W, h0, h1 - h0};
+      const Band band{C, H, W, h0, h1 - h0};
       const int64_t B = band.pixels();
       sums.resize(static_cast<size_t>(B));
       grads.assign(static_cast<size_t>(C * B), acc(0));  // d loss / d lrn_out, then g * s^-beta
       terms.assign(static_cast<size_t>(C * B), acc(0));  // t = g * x * s^-beta / s
-      // The band's x, channel-major with channels xstride apart: NCHW float
-      // and double read it in place, the rest from a (C, B) copy in acc.
+      // The band's x, channel-major with channels xstride apart: float and
+      // double read it in place, the rest from a (C, B) copy in acc.
       const acc* xb;
       int64_t xstride;
-      if constexpr (!kChannelsLast && std::is_same<acc, scalar_t>::value) {
+      if constexpr (std::is_same<acc, scalar_t>::value) {
         xb = x + n * in_image + int64_t{h0} * W;
         xstride = H * W;
       } else {
@@ -404,7 +772,7 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
         for (int oh = oh_lo; oh <= oh_hi; ++oh) {
           const int row0 = pool::window_start(oh, g.sh, g.ph);
           for (int ow = 0; ow < g.out_w; ++ow) {
-            const int64_t o = pooled_offset<kChannelsLast>(g, c, oh, ow);
+            const int64_t o = (c * g.out_h + oh) * g.out_w + ow;
             const int off = an[o];
             if (off >= window) continue;  // not an offset of this window: skipped, never written out of bounds
             const int ih = row0 + off_row[off];
@@ -459,23 +827,16 @@ void backward_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x,
             }
           }
         }
-        // dx over the mirrored window R(c). NCHW: straight into dx (the
-        // band's rows of a channel are contiguous there); channels_last:
-        // over grads[c], which no other channel needs, copied out below.
+        // dx over the mirrored window R(c), straight into dx (the band's
+        // rows of a channel are contiguous).
         for (int64_t c = 0; c < C; ++c) {
           window_rows(terms.data(), B, sums.data(), c, C, B, after, before, [](acc v) { return v; });
           const acc* xc = xb + c * xstride;
-          acc* gc = grads.data() + c * B;
-          if (kChannelsLast) {
-            for (int64_t b = 0; b < B; ++b) gc[b] = lrn::grad_input(gc[b], xc[b], sums[b], coefs);
-          } else {
-            scalar_t* __restrict__ dxc = dx + n * in_image + (c * H + h0) * W;
-            for (int64_t b = 0; b < B; ++b)
-              dxc[b] = static_cast<scalar_t>(lrn::grad_input(gc[b], xc[b], sums[b], coefs));
-          }
+          const acc* gc = grads.data() + c * B;
+          scalar_t* __restrict__ dxc = dx + n * in_image + (c * H + h0) * W;
+          for (int64_t b = 0; b < B; ++b) dxc[b] = static_cast<scalar_t>(lrn::grad_input(gc[b], xc[b], sums[b], coefs));
         }
       });
-      if (kChannelsLast) band.store(grads.data(), dx + n * in_image);
     }
   });
 }
@@ -512,8 +873,9 @@ void lrn_max_pool2d_backward_cpu(const at::Tensor& dy, const at::Tensor& argmax,
     const uint8_t* ap = argmax.const_data_ptr<uint8_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (p.lrn.channels_last) backward_impl<scalar_t, true>(dyp, ap, xp, dxp, p);
-    else backward_impl<scalar_t, false>(dyp, ap, xp, dxp, p);
+    if (p.lrn.channels_last) backward_channels_last(dyp, ap, xp, dxp, p);
+    else if (whole_3x3s2_windows(p.pool)) backward_nchw_3x3s2(dyp, ap, xp, dxp, p);
+    else backward_nchw_bands(dyp, ap, xp, dxp, p);
   });
 }
 
