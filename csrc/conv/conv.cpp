@@ -174,6 +174,36 @@ at::Tensor unpad_krsc(const at::Tensor& t, const Operands& o) {
   return v.reshape({o.orig.K, g.R, g.S, o.orig.Cg}).permute({0, 3, 1, 2});
 }
 
+// Split-K count for wgrad: enough blocks to fill the GPU, with each split
+// still reducing over a few thousand output pixels.
+int wgrad_splits(const ConvGeom& g) {
+  const int64_t pixels = int64_t(g.N) * g.P * g.Q;
+  const int64_t tiles = ((g.Kg + 127) / 128) * ((int64_t(g.R) * g.S * g.Cg + 63) / 64) * g.groups;
+  int64_t splits = std::max<int64_t>(1, 264 / std::max<int64_t>(1, tiles));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, pixels / 2048));
+  return int(std::min<int64_t>(splits, 64));
+}
+
+// The launch plan of one pass of the CUDA path for these operands, as the
+// host code below would launch it: [bm, bn, bk, threads, splits, mma,
+// grid_x, grid_y, grid_z, M, N, Kred, k_tiles]. Needs no GPU (a test and
+// tools/conv_model.py hook): `input` and `weight` only give shapes and dtype.
+std::vector<int64_t> conv2d_relu_plan(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, int64_t groups, int64_t pass, bool allow_tf32) {
+  const ConvGeom orig = check_and_geometry(input, weight, std::nullopt, stride, padding, groups);
+  TORCH_CHECK(pass >= 0 && pass <= 2, kOp, " plan: `pass` must be 0 (forward), 1 (dgrad) or 2 (wgrad), got ", pass);
+  const DType dt = dtype_tag(input.scalar_type());
+  const Operands o = padded_geometry(orig, kVecBytes / element_bytes(dt));
+  GemmLaunch p;
+  p.g = o.g;
+  p.pass = static_cast<Pass>(pass);
+  p.allow_tf32 = allow_tf32;
+  if (p.pass == Pass::Wgrad) p.splits = wgrad_splits(o.g);
+  const GemmPlan pl = plan_gemm(dt, p);
+  return {pl.bm, pl.bn, pl.bk, pl.threads, pl.splits, pl.mma ? 1 : 0, pl.grid_x, pl.grid_y, pl.grid_z,
+          pl.dims.M, pl.dims.N, pl.dims.Kred, pl.k_tiles};
+}
+
 // ---------------------------------------------------------------------------
 // CPU
 
@@ -232,16 +262,6 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   void* stream = current_stream(input);
   check_launch(conv_gemm_cuda(dtype_tag(input.scalar_type()), p, stream), kOp, "conv_gemm_cuda (forward)", stream);
   if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
-}
-
-// Split-K count for wgrad: enough blocks to fill the GPU, with each split
-// still reducing over a few thousand output pixels.
-int wgrad_splits(const ConvGeom& g) {
-  const int64_t pixels = int64_t(g.N) * g.P * g.Q;
-  const int64_t tiles = ((g.Kg + 127) / 128) * ((int64_t(g.R) * g.S * g.Cg + 63) / 64) * g.groups;
-  int64_t splits = std::max<int64_t>(1, 264 / std::max<int64_t>(1, tiles));
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, pixels / 2048));
-  return int(std::min<int64_t>(splits, 64));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
@@ -437,6 +457,8 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
         "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Test hook: whether the CUDA kernels would use TF32 for this dtype now.
   m.def("_conv2d_relu_uses_tf32(ScalarType dtype) -> bool", &alexnet_ext::conv::conv_uses_tf32);
+  m.def("_conv2d_relu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, int groups, int pass_, "
+        "bool allow_tf32) -> int[]");
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
         "int[2] padding, int groups, int vec, int splits) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -445,6 +467,7 @@ TORCH_LIBRARY_IMPL(alexnet_ext, CPU, m) {
   m.impl("conv2d_relu_forward", &alexnet_ext::conv::conv2d_relu_forward);
   m.impl("conv2d_relu_backward", &alexnet_ext::conv::conv2d_relu_backward);
   m.impl("_conv2d_relu_gemm_reference", &alexnet_ext::conv::conv2d_relu_gemm_reference);
+  m.impl("_conv2d_relu_plan", &alexnet_ext::conv::conv2d_relu_plan);
 }
 
 TORCH_LIBRARY_IMPL(alexnet_ext, CUDA, m) {

@@ -395,22 +395,22 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
 }
 
 template <typename T, bool kWgrad, bool kMma>
-LaunchStatus launch_gemm(const GemmLaunch& p, cudaStream_t stream) {
+LaunchStatus launch_gemm(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t stream) {
   using L = Tiles<T, kWgrad, kMma>;
-  const GemmDims dims = gemm_dims(p.g, p.pass);
-  const int splits = kWgrad ? p.splits : 1;
-  const int64_t gx = (dims.M + L::BM - 1) / L::BM, gy = (dims.N + L::BN - 1) / L::BN;
-  if (gx > 0x7fffffff || gy > 65535 || int64_t(p.g.groups) * splits > 65535) {
+  static_assert(L::BN == kTileN && L::BM == (kMma ? kMmaTileM : kFmaTileM) && kThreads == kGemmThreads,
+                "conv_cuda.h's plan_gemm describes these tiles");
+  if (plan.grid_x > 0x7fffffff || plan.grid_y > 65535 || plan.grid_z > 65535) {
     return static_cast<LaunchStatus>(cudaErrorInvalidConfiguration);
   }
-  dim3 grid(unsigned(gx), unsigned(gy), unsigned(p.g.groups * splits));
+  dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y), unsigned(plan.grid_z));
   conv_gemm_kernel<T, kWgrad, kMma><<<grid, kThreads, 0, stream>>>(p);
   return static_cast<LaunchStatus>(cudaGetLastError());
 }
 
 template <typename T, bool kMma>
-LaunchStatus launch_pass(const GemmLaunch& p, cudaStream_t stream) {
-  return p.pass == Pass::Wgrad ? launch_gemm<T, true, kMma>(p, stream) : launch_gemm<T, false, kMma>(p, stream);
+LaunchStatus launch_pass(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t stream) {
+  return p.pass == Pass::Wgrad ? launch_gemm<T, true, kMma>(plan, p, stream)
+                               : launch_gemm<T, false, kMma>(plan, p, stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -458,11 +458,13 @@ __global__ void reduce_splits_kernel(const acc_t<T>* __restrict__ partial, T* __
 
 LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const GemmPlan plan = plan_gemm(dtype, p);
   switch (dtype) {
-    case DType::Float16: return launch_pass<__half, true>(p, s);
-    case DType::BFloat16: return launch_pass<__nv_bfloat16, true>(p, s);
-    case DType::Float32: return p.allow_tf32 ? launch_pass<float, true>(p, s) : launch_pass<float, false>(p, s);
-    case DType::Float64: return launch_pass<double, false>(p, s);
+    case DType::Float16: return launch_pass<__half, true>(plan, p, s);
+    case DType::BFloat16: return launch_pass<__nv_bfloat16, true>(plan, p, s);
+    case DType::Float32:
+      return plan.mma ? launch_pass<float, true>(plan, p, s) : launch_pass<float, false>(plan, p, s);
+    case DType::Float64: return launch_pass<double, false>(plan, p, s);
   }
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }

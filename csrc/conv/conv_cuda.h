@@ -34,6 +34,53 @@ struct GemmLaunch {
 // float16/bfloat16 and TF32, FFMA for float32 without TF32 and float64).
 LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream);
 
+// ---------------------------------------------------------------------------
+// Launch plan: tile shape, grid and reduction tiling of one conv_gemm_cuda
+// call, computed on the host. The launcher launches exactly this plan and
+// tools/conv_model.py reads it (through the _conv2d_relu_plan op) to model
+// the executed MMA work and the waves without a GPU.
+
+// Block tiles of the kernel variants (conv_cuda.cu static_asserts them).
+constexpr int kGemmThreads = 128;
+constexpr int kMmaTileM = 128, kFmaTileM = 64, kTileN = 64;
+
+inline int element_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::Float64: return 8;
+    case DType::Float32: return 4;
+    default: return 2;
+  }
+}
+// Tensor cores (mma.sync) for float16/bfloat16 and TF32; FFMA otherwise.
+inline bool uses_mma(DType dtype, bool allow_tf32) {
+  return dtype == DType::Float16 || dtype == DType::BFloat16 || (dtype == DType::Float32 && allow_tf32);
+}
+
+struct GemmPlan {
+  int bm = 0, bn = 0, bk = 0;  // block tile: rows, columns, reduction step
+  int threads = kGemmThreads;
+  int splits = 1;              // split-K ranges (grid z = groups * splits)
+  bool mma = false;
+  int64_t grid_x = 0, grid_y = 0, grid_z = 0;
+  GemmDims dims{};             // per-group GEMM of the (channel-padded) problem
+  int64_t k_tiles = 0;         // BK tiles over the whole reduction (all splits)
+};
+
+inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
+  GemmPlan pl;
+  pl.mma = uses_mma(dtype, p.allow_tf32);
+  pl.bm = pl.mma ? kMmaTileM : kFmaTileM;
+  pl.bn = kTileN;
+  pl.bk = kTileKBytes / element_bytes(dtype);
+  pl.splits = p.pass == Pass::Wgrad ? p.splits : 1;
+  pl.dims = gemm_dims(p.g, p.pass);
+  pl.grid_x = (pl.dims.M + pl.bm - 1) / pl.bm;
+  pl.grid_y = (pl.dims.N + pl.bn - 1) / pl.bn;
+  pl.grid_z = int64_t(p.g.groups) * pl.splits;
+  pl.k_tiles = (pl.dims.Kred + pl.bk - 1) / pl.bk;
+  return pl;
+}
+
 // out[i] = relu_grad(dy[i], y[i]) over n elements.
 LaunchStatus relu_grad_cuda(DType dtype, const void* dy, const void* y, void* out, int64_t n, void* stream);
 
