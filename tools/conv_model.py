@@ -61,7 +61,8 @@ PASSES = ("fwd", "dgrad", "wgrad")
 DTYPES = {"bf16": (torch.bfloat16, True, "__nv_bfloat16"), "fp16": (torch.float16, True, "__half"),
           "tf32": (torch.float32, True, "float")}
 PLAN_FIELDS = ("bm", "bn", "bk", "threads", "splits", "mma", "grid_x", "grid_y", "grid_z", "M", "N", "Kred",
-               "k_tiles")
+               "k_tiles", "kind", "variant", "fold")
+KINDS = {0: "K-major", 1: "wgrad", 2: "folded fwd", 3: "folded wgrad"}
 
 
 def plan(spec, dtype, tf32, pass_index):
@@ -139,12 +140,11 @@ def load_sass(src_root, cache):
     return (funcs, res), None
 
 
-def kernel_name(funcs, tname, pass_name, pl):
-    """The conv_gemm_kernel instantiation the plan launches."""
-    wgrad = "true" if pass_name == "wgrad" else "false"
+def kernel_name(funcs, tname, pl):
+    """The conv_gemm_kernel<T, kind, mma, BM, BN> instantiation the plan launches."""
     mma = "true" if pl["mma"] else "false"
-    pat = re.compile(rf"conv_gemm_kernel<{re.escape(tname)}, {wgrad}, {mma}\b")
-    hits = [f for f in funcs if pat.search(f)]
+    want = f"conv_gemm_kernel<{tname}, {pl['kind']}, {mma}, {pl['bm']}, {pl['bn']}>"
+    hits = [f for f in funcs if want in f]
     return hits[0] if hits else None
 
 
@@ -160,13 +160,14 @@ def run_model(src_root, cache):
                 blocks = pl["grid_x"] * pl["grid_y"] * pl["grid_z"]
                 executed = 2 * pl["grid_x"] * pl["bm"] * pl["grid_y"] * pl["bn"] * (pl["grid_z"] // pl["splits"]) \
                     * pl["k_tiles"] * pl["bk"]
-                row = dict(layer=name, pass_=pass_name, dtype=dt, tile=f"{pl['bm']}x{pl['bn']}x{pl['bk']}",
+                tile = f"{pl['bm']}x{pl['bn']}x{pl['bk']}" + (" folded" if pl["fold"] else "")
+                row = dict(layer=name, pass_=pass_name, dtype=dt, tile=tile,
                            grid=f"{pl['grid_x']}x{pl['grid_y']}x{pl['grid_z']}", splits=pl["splits"],
                            useful=useful_flops(spec), executed=executed, blocks=blocks, waves=None,
                            resident=None, sass_per_mma=None, div=None, kernel=None, regs=None, smem=None)
                 if sass is not None:
                     funcs, res = sass
-                    k = kernel_name(funcs, tname, pass_name, pl)
+                    k = kernel_name(funcs, tname, pl)
                     if k is not None:
                         row["kernel"] = k
                         regs, smem = res.get(k, (0, 0))
