@@ -1,19 +1,22 @@
 // Implicit-GEMM CUDA kernels for conv2d + bias + ReLU (forward, dgrad,
 // wgrad) and the small backward helpers. No PyTorch headers: conv.cpp
-// prepares the operands (NHWC, KRSC, wt; channels padded to 16 bytes) and
-// calls the launchers of conv_cuda.h. The index math is conv_math.h's, the
-// same the CPU reference loops run in tests/test_conv.py.
+// prepares the operands (NHWC, KRSC, wt; channels padded to 16 bytes, or
+// folded for few-channel inputs) and calls the launchers of conv_cuda.h,
+// which launch the tile conv_cuda.h's plan_gemm chooses. The index math is
+// conv_math.h's, the same the CPU reference loops run in tests/test_conv.py.
 //
 // One kernel template serves every pass. A block computes a BM x BN tile of
 // D = A B for one group (and one split-K range in wgrad), 128 threads:
-//  - global -> shared: 16-byte cp.async vectors along each operand's
-//    contiguous dimension (the reduction index t for forward and dgrad, the
-//    row/column index for wgrad), zero-filled (src-size 0) where the header
-//    says the element is padding or the tile runs past the problem;
-//    3-stage pipeline; rows padded by 16 bytes against bank conflicts;
-//  - math: mma.sync m16n8k16 (float16/bfloat16) or m16n8k8 TF32 (float32)
-//    with float32 accumulators, 4 warps of 64x32; or exact FFMA (float32
-//    without TF32, float64), 4x8 per thread on a 64x64 tile;
+//  - global -> shared: cp.async vectors (16 bytes; 8 in 16-bit folded
+//    operands) along each operand's contiguous dimension (the reduction
+//    index t for forward and dgrad, the row/column index for wgrad),
+//    zero-filled (src-size) where the header says the element is padding
+//    or the tile runs past the problem; 3-stage pipeline; rows padded by 16
+//    bytes against bank conflicts; indices split by multiply-shift FastDiv;
+//  - math: mma.sync m16n8k16 (float16/bfloat16, fragments by ldmatrix.x4,
+//    .trans for wgrad's MN-major tiles) or m16n8k8 TF32 (float32) with
+//    float32 accumulators, 2 x 2 warps of (BM/2) x (BN/2); or exact FFMA
+//    (float32 without TF32, float64), 4x8 per thread on a 64x64 tile;
 //  - epilogue: bias + ReLU on the accumulators (forward), bounds-checked
 //    stores (wgrad: float32/64 partial sums into its split's workspace slice).
 #include <cuda_runtime.h>
@@ -187,15 +190,29 @@ __device__ __forceinline__ void load_tile(const GemmLaunch& p, Pass pass, const 
 // ---------------------------------------------------------------------------
 // Tensor-core math
 
-__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-
-// Two 16-bit elements (k, k+1) of one row/column as the 32-bit register
-// mma.sync expects (lower k in the low half).
-template <typename T, bool kKMajor>
-__device__ __forceinline__ uint32_t pair_at(const T* s, int idx_k, int idx_k1) {
-  if (kKMajor) return *reinterpret_cast<const uint32_t*>(s + idx_k);  // idx_k1 == idx_k + 1, 4-byte aligned
-  return bits16(s[idx_k]) | (bits16(s[idx_k1]) << 16);
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row_addr)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row_addr)));
+  }
+}
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row_addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(row_addr)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(row_addr)));
+  }
 }
 
 __device__ __forceinline__ uint32_t to_tf32(float v) {
@@ -249,25 +266,44 @@ __device__ __forceinline__ void mma_stage(const T* As, const T* Bs, MmaAcc<L>& a
   const int g = lane / 4, q = lane % 4;
   constexpr bool kKMajor = !L::kMNMajor;
   if constexpr (sizeof(T) == 2) {
+    // ldmatrix: lane l supplies the address of row l % 8 of 8x8 matrix
+    // l / 8 (16 bytes, 16-byte aligned: rows are padded by VEC elements).
+    // K-major tiles (rows m or n, k contiguous) load as they are, MN-major
+    // ones (rows k) with .trans; either way register i is matrix i in the
+    // mma fragment layout above. A 16x16 A fragment: matrices (m+0, k+0),
+    // (m+8, k+0), (m+0, k+8), (m+8, k+8); a pair of 8-column B fragments:
+    // (n+0, k+0), (n+0, k+8), (n+8, k+0), (n+8, k+8).
+    const int mat = lane / 8, row = lane % 8;
 #pragma unroll
     for (int ks = 0; ks < L::BK; ks += 16) {
       uint32_t a[Acc::TM][4], b[Acc::TN][2];
 #pragma unroll
       for (int mt = 0; mt < Acc::TM; ++mt) {
-        const int r = wm + mt * 16 + g;
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {  // h: +8 rows (bit 0), +8 k (bit 1)
-          const int rr = r + (h & 1) * 8, kk = ks + 2 * q + (h >> 1) * 8;
-          a[mt][h] = pair_at<T, kKMajor>(As, L::a_index(rr, kk), L::a_index(rr, kk + 1));
+        const int m = wm + mt * 16 + (mat & 1) * 8, k = ks + (mat >> 1) * 8;
+        if constexpr (kKMajor) {
+          ldmatrix_x4<false>(a[mt], As + L::a_index(m + row, k));
+        } else {
+          ldmatrix_x4<true>(a[mt], As + L::a_index(m, k + row));
         }
       }
 #pragma unroll
-      for (int nt = 0; nt < Acc::TN; ++nt) {
-        const int c = wn + nt * 8 + g;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int kk = ks + 2 * q + h * 8;
-          b[nt][h] = pair_at<T, kKMajor>(Bs, L::b_index(c, kk), L::b_index(c, kk + 1));
+      for (int nt = 0; nt < Acc::TN; nt += 2) {
+        if (nt + 1 < Acc::TN) {
+          const int n = wn + nt * 8 + (mat >> 1) * 8, k = ks + (mat & 1) * 8;
+          uint32_t r[4];
+          if constexpr (kKMajor) {
+            ldmatrix_x4<false>(r, Bs + L::b_index(n + row, k));
+          } else {
+            ldmatrix_x4<true>(r, Bs + L::b_index(n, k + row));
+          }
+          b[nt][0] = r[0], b[nt][1] = r[1], b[nt + 1][0] = r[2], b[nt + 1][1] = r[3];
+        } else {  // odd TN: the last fragment alone (lanes 16-31's addresses are ignored)
+          const int n = wn + nt * 8, k = ks + (mat & 1) * 8;
+          if constexpr (kKMajor) {
+            ldmatrix_x2<false>(b[nt], Bs + L::b_index(n + row, k));
+          } else {
+            ldmatrix_x2<true>(b[nt], Bs + L::b_index(n, k + row));
+          }
         }
       }
 #pragma unroll
