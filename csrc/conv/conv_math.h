@@ -40,6 +40,9 @@ struct FastDiv {
 };
 inline FastDiv make_fast_div(int d) {
   FastDiv f;
+  // An empty extent (an empty batch's zero-sized plane): nothing is ever
+  // divided by it, so any valid divisor will do.
+  if (d < 1) d = 1;
   f.d = uint32_t(d);
   int log2d = 0;
   while ((uint64_t(1) << log2d) < uint64_t(d)) ++log2d;
