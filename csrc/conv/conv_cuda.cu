@@ -416,6 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   constexpr bool kWgrad = L::kMNMajor;
   __shared__ __align__(16) T As[kStages][L::A_ELEMS];
   __shared__ __align__(16) T Bs[kStages][L::B_ELEMS];
+  __shared__ acc_t<T> bias_s[L::BN];
 
   const Pass pass = kWgrad ? Pass::Wgrad : kKind == kKindFoldForward ? Pass::Forward : p.pass;
   const GemmDims dims = gemm_dims(p.g, pass);
@@ -458,9 +459,18 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   cp_async_wait<0>();
 
   // Epilogue: bias + ReLU in registers (forward), one bounds-checked store.
-  // wgrad: float32/64 partial sums into its split's workspace slice.
-  const T* bias = static_cast<const T*>(p.bias);
+  // wgrad: float32/64 partial sums into its split's workspace slice. The
+  // block's BN bias values are read from global memory once, into shared
+  // memory (0 without bias: relu(v + 0) == relu(v), NaN included).
   const int64_t slice = dims.M * dims.N * p.g.groups;
+  if (!kWgrad && pass == Pass::Forward) {  // uniform over the block
+    const T* bias = static_cast<const T*>(p.bias);
+    for (int c = threadIdx.x; c < L::BN; c += kThreads) {
+      const int64_t j = j0 + c;
+      bias_s[c] = bias != nullptr && j < dims.N ? to_acc(bias[int64_t(grp) * p.g.Kg + j]) : acc_t<T>(0);
+    }
+    __syncthreads();
+  }
   for_each_acc(acc, [&](int r, int c, acc_t<T> v) {
     const int64_t i = i0 + r, j = j0 + c;
     if (i >= dims.M || j >= dims.N) return;
@@ -468,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
     if (kWgrad) {
       static_cast<acc_t<T>*>(p.d)[int64_t(split) * slice + off] = v;
     } else if (pass == Pass::Forward) {
-      if (bias != nullptr) v += to_acc(bias[int64_t(grp) * p.g.Kg + j]);
+      v += bias_s[c];
       static_cast<T*>(p.d)[off] = from_acc<T>(relu(v));
     } else {
       static_cast<T*>(p.d)[off] = from_acc<T>(v);
