@@ -169,6 +169,25 @@ def test_implicit_gemm_index_math_matches_torch(case, vec, fold):
         assert_close_rel(g, r.detach(), 1e-10, name)
 
 
+# (variant index of conv_cuda.h's kMmaVariants, case): every tensor-core
+# tile, including those the plan picks only for AlexNet-sized grids (too
+# large for the emulator, whose run of these CPU tests takes the CUDA path).
+FORCED_VARIANTS = [(v, case) for v in range(10) for case in (
+    [(2, 3, 19, 23, 10, 11, 11, 4, 2, 1)] if v >= 6 else [(2, 24, 9, 11, 72, 3, 3, 1, 1, 2), (3, 16, 7, 6, 40, 3, 2, 2, 1, 1)])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant,case", FORCED_VARIANTS, ids=lambda c: "x".join(map(str, c[:4])) if isinstance(c, tuple) else str(c))
+def test_every_tile_variant(device, dtype, variant, case):
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    _ops._conv2d_relu_force_variant(variant)
+    try:
+        check_case(case, dtype, device, "channels_last", tol=TF32_REL_TOL if tf32 else None)
+    finally:
+        _ops._conv2d_relu_force_variant(-1)
+
+
 # One column of the two-column AlexNet at batch 128: (C, H, K, R, stride, padding).
 ALEXNET_COLUMN = {"conv1": (3, 224, 48, 11, 4, 2), "conv2": (48, 27, 128, 5, 1, 2), "conv3": (256, 13, 192, 3, 1, 1),
                   "conv4": (192, 13, 192, 3, 1, 1), "conv5": (192, 13, 128, 3, 1, 1)}

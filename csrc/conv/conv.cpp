@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -226,6 +227,12 @@ at::Tensor unpad_krsc(const at::Tensor& t, const Operands& o) {
   return v.reshape({o.orig.K, g.R, g.S, o.orig.Cg}).permute({0, 3, 1, 2});
 }
 
+// Test hook (_conv2d_relu_force_variant): the tensor-core tile variant every
+// CUDA launch of a matching kind uses, -1 for the plan's choice. Lets the
+// tests run tiles the plan picks only for shapes too large for the emulator.
+std::atomic<int> g_force_variant{-1};
+void force_variant(int64_t v) { g_force_variant.store(int(v)); }
+
 // Split-K count for wgrad: enough blocks of the planned tile for two full
 // waves (conv_cuda.h's kFillWaves at the tile's residency), each split
 // still reducing over at least 1024 output pixels.
@@ -329,6 +336,7 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   p.d = out.mutable_data_ptr();
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
   p.allow_tf32 = tf32;
+  p.force_variant = g_force_variant.load();
   void* stream = current_stream(input);
   check_launch(conv_gemm_cuda(dt, p, stream), kOp, "conv_gemm_cuda (forward)", stream);
   if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
@@ -368,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   GemmLaunch p;
   p.g = g;
   p.allow_tf32 = conv_uses_tf32(input.scalar_type());
+  p.force_variant = g_force_variant.load();
   if (mask[0]) {
     const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -542,6 +551,7 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
         "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Test hook: whether the CUDA kernels would use TF32 for this dtype now.
   m.def("_conv2d_relu_uses_tf32(ScalarType dtype) -> bool", &alexnet_ext::conv::conv_uses_tf32);
+  m.def("_conv2d_relu_force_variant(int variant) -> ()", &alexnet_ext::conv::force_variant);
   m.def("_conv2d_relu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, int groups, int pass_, "
         "bool allow_tf32) -> int[]");
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "

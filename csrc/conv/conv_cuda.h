@@ -28,6 +28,7 @@ struct GemmLaunch {
   const void* bias = nullptr;  // forward only, may be null; ReLU is applied in forward only
   int splits = 1;              // wgrad: split-K count; d holds splits * K * R*S*Cg partial sums
   bool allow_tf32 = true;      // float32 on tensor cores (TF32) or exact FFMA
+  int force_variant = -1;      // test hook: this kMmaVariants entry if its kind fits, else the plan's choice
 };
 
 // One pass of conv_math.h as a tiled implicit GEMM (tensor cores for
@@ -54,8 +55,8 @@ struct TileVariant {
 // Tensor-core variants, indexed by GemmPlan::variant (conv_cuda.cu's
 // launch_mma instantiates exactly these): 2 x 2 warps of (BM/2) x (BN/2).
 constexpr TileVariant kMmaVariants[] = {
-    {kKindKMajor, 128, 64, 2},      {kKindKMajor, 128, 48, 2},      {kKindKMajor, 64, 64, 3},
-    {kKindKMajor, 64, 32, 4},       {kKindWgrad, 128, 64, 2},       {kKindWgrad, 64, 64, 4},
+    {kKindKMajor, 128, 64, 2},      {kKindKMajor, 128, 48, 3},      {kKindKMajor, 64, 64, 3},
+    {kKindKMajor, 64, 32, 5},       {kKindWgrad, 128, 64, 2},       {kKindWgrad, 64, 64, 4},
     {kKindFoldForward, 128, 48, 2}, {kKindFoldForward, 128, 64, 2}, {kKindFoldWgrad, 32, 48, 5},
     {kKindFoldWgrad, 32, 64, 5}};
 constexpr int kNumMmaVariants = int(sizeof(kMmaVariants) / sizeof(kMmaVariants[0]));
@@ -125,6 +126,9 @@ inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
                           : v_fills          ? v.bm * v.bn > b.bm * b.bn
                                              : waves(v) > waves(b);
       if (better) pl.variant = i;
+    }
+    if (p.force_variant >= 0 && p.force_variant < kNumMmaVariants && kMmaVariants[p.force_variant].kind == pl.kind) {
+      pl.variant = p.force_variant;
     }
     if (pl.variant >= 0) {
       pl.bm = kMmaVariants[pl.variant].bm;
