@@ -8,6 +8,10 @@ ratio ours / eager per layer.
 
 Without a GPU only the CPU smoke rows run (batch 2, float32): they check the
 script and the operator end to end, they are not a performance target.
+
+It first prints the static model of the CUDA kernels on these layers
+(tools/conv_model.py: executed/useful MMA FLOPs, waves, SASS per MMA of the
+k-loop; no GPU needed; committed as benchmarks/results/conv_model.md).
 """
 import os
 import sys
@@ -90,7 +94,18 @@ def bench_layer(report, args, device, n, name, spec, dtype, compiled):
                        ours_over_this=times["ours"] / ms)
 
 
+def print_conv_model():
+    """tools/conv_model.py's table; it never fails a benchmark run."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    try:
+        import conv_model
+        conv_model.main([])
+    except Exception as err:
+        print(f"conv_model: skipped ({type(err).__name__}: {err})")
+
+
 def main(argv=None):
+    print_conv_model()
     args = harness.parse_args(__doc__.splitlines()[0], argv,
                               extra=lambda ap: ap.add_argument("--no-compile", action="store_true",
                                                                help="skip the torch.compile baseline"))

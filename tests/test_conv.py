@@ -63,6 +63,20 @@ ODD = [
 ]
 
 
+# Few input channels (conv1's C = 3): on the CUDA tensor-core path forward
+# and wgrad fold (filter column, channel) into one reduction run instead of
+# padding C to 16 bytes (where stride_w * C is a multiple of 4). Odd widths
+# and heights, borders on every side, strides 1-4.
+FEW_CHANNELS = [
+    (2, 3, 19, 23, 10, 11, 11, 4, 2, 1),
+    (1, 3, 13, 15, 5, 4, 3, 4, 1, 1),
+    (2, 4, 9, 11, 6, 3, 5, (2, 1), (1, 2), 1),
+    (1, 2, 10, 9, 5, 3, 3, 2, 1, 1),
+    (1, 1, 17, 17, 3, 5, 5, 4, 2, 1),
+    (2, 3, 12, 13, 50, 7, 7, (1, 4), (3, 0), 1),
+]
+
+
 def make_case(case, dtype, device, layout, bias=True, requires_grad=True):
     n, c, h, w, k, r, s, stride, padding, groups = case
     # Weights scaled by 1/sqrt(fan_in) so outputs are O(1), as in a trained net.
@@ -79,11 +93,11 @@ def reference(x, w, b, kw):
     return rx, rw, rb, F.relu(F.conv2d(rx, rw, rb, **kw))
 
 
-def check_case(case, dtype, device, layout, bias=True):
+def check_case(case, dtype, device, layout, bias=True, tol=None):
     x, w, b, kw = make_case(case, dtype, device, layout, bias)
     y = conv2d_relu(x, w, b, **kw)
     rx, rw, rb, ry = reference(x, w, b, kw)
-    tol = rel_tol(dtype, device)
+    tol = tol or rel_tol(dtype, device)
     assert y.dtype == dtype and y.device == x.device
     assert_close_rel(y, ry, tol, "output")
     upstream = torch.randn(ry.shape, dtype=torch.float64).to(dtype)
@@ -120,13 +134,29 @@ def test_odd_shapes_strides_paddings(device, dtype, layout, bias, case):
     check_case(case, dtype, device, layout, bias)
 
 
-@pytest.mark.parametrize("case", ODD + [(1, 3, 27, 27, 96, 11, 11, 4, 2, 1)], ids=lambda c: "x".join(map(str, c[:4])))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", FEW_CHANNELS, ids=lambda c: "x".join(map(str, c[:4])))
+def test_few_input_channels(device, dtype, layout, case):
+    # float32 at TF32 tolerance whenever PyTorch allows TF32 convolutions:
+    # the folded path exists on tensor cores only, and the emulator's run of
+    # these CPU tests takes the CUDA path (CPU float32 is exact, and checked
+    # at 2e-5 by the tests above).
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    check_case(case, dtype, device, layout, tol=TF32_REL_TOL if tf32 else None)
+
+
+@pytest.mark.parametrize("case", ODD + FEW_CHANNELS + [(1, 3, 27, 27, 96, 11, 11, 4, 2, 1)],
+                         ids=lambda c: "x".join(map(str, c[:4])))
 @pytest.mark.parametrize("vec", [1, 2, 8])
-def test_implicit_gemm_index_math_matches_torch(case, vec):
+@pytest.mark.parametrize("fold", [False, True])
+def test_implicit_gemm_index_math_matches_torch(case, vec, fold):
     """The GEMMs of csrc/conv/conv_math.h (the CUDA kernels' index math),
     run by CPU loops on the operands the CUDA wrapper prepares (NHWC, KRSC,
-    channels padded to `vec`), with 3-way split-K wgrad: forward, dgrad,
-    wgrad and bias grad against torch."""
+    channels padded to `vec`; with `fold`, forward and wgrad on the folded
+    operands of few-channel inputs where the wrapper folds), with 3-way
+    split-K wgrad: forward, dgrad, wgrad and bias grad against torch."""
     x, w, b, kw = make_case(case, torch.float64, "cpu", "contiguous", requires_grad=False)
     stride = kw["stride"] if isinstance(kw["stride"], tuple) else (kw["stride"],) * 2
     padding = kw["padding"] if isinstance(kw["padding"], tuple) else (kw["padding"],) * 2
@@ -134,9 +164,58 @@ def test_implicit_gemm_index_math_matches_torch(case, vec):
     upstream = torch.randn(ry.shape, dtype=torch.float64)
     want = torch.autograd.grad(ry, (rx, rw, rb), upstream)
     got = _ops._conv2d_relu_gemm_reference(x.detach(), w.detach(), b.detach(), upstream, list(stride),
-                                           list(padding), kw["groups"], vec, 3)
+                                           list(padding), kw["groups"], vec, 3, fold)
     for name, g, r in zip(("output", "grad input", "grad weight", "grad bias"), got, (ry,) + want):
         assert_close_rel(g, r.detach(), 1e-10, name)
+
+
+# (variant index of conv_cuda.h's kMmaVariants, case): every tensor-core
+# tile, including those the plan picks only for AlexNet-sized grids (too
+# large for the emulator, whose run of these CPU tests takes the CUDA path).
+FORCED_VARIANTS = [(v, case) for v in range(10) for case in (
+    [(2, 3, 19, 23, 10, 11, 11, 4, 2, 1)] if v >= 6 else [(2, 24, 9, 11, 72, 3, 3, 1, 1, 2), (3, 16, 7, 6, 40, 3, 2, 2, 1, 1)])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant,case", FORCED_VARIANTS, ids=lambda c: "x".join(map(str, c[:4])) if isinstance(c, tuple) else str(c))
+def test_every_tile_variant(device, dtype, variant, case):
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    _ops._conv2d_relu_force_variant(variant)
+    try:
+        check_case(case, dtype, device, "channels_last", tol=TF32_REL_TOL if tf32 else None)
+    finally:
+        _ops._conv2d_relu_force_variant(-1)
+
+
+# One column of the two-column AlexNet at batch 128: (C, H, K, R, stride, padding).
+ALEXNET_COLUMN = {"conv1": (3, 224, 48, 11, 4, 2), "conv2": (48, 27, 128, 5, 1, 2), "conv3": (256, 13, 192, 3, 1, 1),
+                  "conv4": (192, 13, 192, 3, 1, 1), "conv5": (192, 13, 128, 3, 1, 1)}
+PLAN_FIELDS = ("bm", "bn", "bk", "threads", "splits", "mma", "grid_x", "grid_y", "grid_z", "M", "N", "Kred", "k_tiles",
+               "kind", "variant", "fold")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layer", list(ALEXNET_COLUMN))
+@pytest.mark.parametrize("pass_", [0, 1, 2], ids=["fwd", "dgrad", "wgrad"])
+def test_launch_plan_work_on_alexnet(dtype, layer, pass_):
+    """The CUDA launch plan (host code, no GPU needed) executes at most 1.15x
+    the useful MMA work of AlexNet's layers (issue 11), except conv1's
+    strided dgrad (zero taps; training never computes conv1's input
+    gradient). A split-K plan keeps every split non-empty."""
+    c, h, k, r, stride, padding = ALEXNET_COLUMN[layer]
+    x = torch.empty(1, dtype=dtype).expand(128, c, h, h)
+    w = torch.empty(1, dtype=dtype).expand(k, c, r, r)
+    pl = dict(zip(PLAN_FIELDS, _ops._conv2d_relu_plan(x, w, [stride] * 2, [padding] * 2, 1, pass_, True)))
+    p = (h + 2 * padding - r) // stride + 1
+    useful = 128 * p * p * k * r * r * c
+    executed = pl["grid_x"] * pl["bm"] * pl["grid_y"] * pl["bn"] * pl["k_tiles"] * pl["bk"]
+    assert pl["mma"] == 1 and pl["variant"] >= 0
+    assert (pl["fold"] > 0) == (layer == "conv1" and pass_ != 1)
+    if not (layer == "conv1" and pass_ == 1):
+        assert executed / useful <= 1.15, pl
+    per_split = -(-pl["k_tiles"] // pl["splits"])
+    assert (pl["splits"] - 1) * per_split < pl["k_tiles"], pl
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -82,7 +84,7 @@ ConvGeom check_and_geometry(const at::Tensor& input, const at::Tensor& weight, c
   g.groups = int(groups);
   g.Cg = int(C / groups);
   g.Kg = int(K / groups);
-  return g;
+  return with_divisors(g);
 }
 
 // The implicit-GEMM index math (conv_math.h) splits pixel and tap indices
@@ -144,7 +146,58 @@ Operands padded_geometry(const ConvGeom& orig, int64_t vec) {
   o.g.Kg = int(round_up(orig.Kg, vec));
   o.g.C = o.g.Cg * orig.groups;
   o.g.K = o.g.Kg * orig.groups;
+  o.g = with_divisors(o.g);
   return o;
+}
+
+// Whether forward and wgrad fold (filter column, channel) into one run
+// (ConvGeom::fold): for few channels per group, where padding C to the
+// 16-byte vector would multiply the MMA work (conv1: C = 3 -> 8), on the
+// tensor-core path, when every run starts kFoldVec-aligned (stride_w * C a
+// multiple of kFoldVec) and the folded reduction is the shorter one.
+bool use_fold(const ConvGeom& orig, int64_t vec, bool mma) {
+  if (!mma || orig.groups != 1 || orig.Cg % vec == 0 || (int64_t(orig.stride_w) * orig.C) % kFoldVec != 0) {
+    return false;
+  }
+  const int64_t fold = round_up(int64_t(orig.S) * orig.C, kFoldVec);
+  return fold < int64_t(orig.S) * round_up(orig.C, vec);
+}
+
+// The folded geometry of `o` (channels unpadded, K padded as in o.g): x is
+// stored (N, H, W', C) with the horizontal padding included and W' * C a
+// multiple of kFoldVec, so every run starts aligned.
+ConvGeom folded_geometry(const Operands& o) {
+  ConvGeom f = o.g;
+  f.C = f.Cg = o.orig.C;
+  int64_t width = int64_t(o.orig.W) + 2 * o.orig.pad_w;
+  while (width * f.C % kFoldVec != 0) ++width;
+  f.W = int(width);
+  f.pad_w = 0;
+  f.fold = int(round_up(int64_t(f.S) * f.C, kFoldVec));
+  return with_divisors(f);
+}
+
+// NCHW-indexed input -> folded x (N, H, W', C).
+at::Tensor x_folded(const at::Tensor& input, const ConvGeom& f, const ConvGeom& orig) {
+  return at::constant_pad_nd(input.permute({0, 2, 3, 1}), {0, 0, orig.pad_w, f.W - orig.W - orig.pad_w})
+      .contiguous();
+}
+
+// weight (K, C, R, S) -> folded (K', R * fold): wf[k][r*fold + s*C + c].
+at::Tensor weight_folded(const at::Tensor& weight, const ConvGeom& f, const ConvGeom& orig) {
+  const int64_t run = int64_t(f.S) * f.C;
+  at::Tensor w = weight.permute({0, 2, 3, 1}).reshape({orig.K, f.R, run});
+  w = at::constant_pad_nd(w, {0, f.fold - run, 0, 0, 0, f.Kg - orig.K});
+  return w.reshape({f.Kg, int64_t(f.R) * f.fold}).contiguous();
+}
+
+// folded (K', R * fold) -> (K, C, R, S) view.
+at::Tensor unfold_weight(const at::Tensor& wf, const ConvGeom& f, const ConvGeom& orig) {
+  return wf.narrow(0, 0, orig.K)
+      .reshape({orig.K, f.R, f.fold})
+      .narrow(2, 0, int64_t(f.S) * f.C)
+      .reshape({orig.K, f.R, f.S, f.C})
+      .permute({0, 3, 1, 2});
 }
 
 // weight (K, Cg, R, S) -> padded KRSC (G*Kg', R, S, Cg').
@@ -172,6 +225,58 @@ at::Tensor unpad_krsc(const at::Tensor& t, const Operands& o) {
   const ConvGeom& g = o.g;
   at::Tensor v = t.reshape({g.groups, g.Kg, g.R, g.S, g.Cg}).narrow(1, 0, o.orig.Kg).narrow(4, 0, o.orig.Cg);
   return v.reshape({o.orig.K, g.R, g.S, o.orig.Cg}).permute({0, 3, 1, 2});
+}
+
+// Test hook (_conv2d_relu_force_variant): the tensor-core tile variant every
+// CUDA launch of a matching kind uses, -1 for the plan's choice. Lets the
+// tests run tiles the plan picks only for shapes too large for the emulator.
+std::atomic<int> g_force_variant{-1};
+void force_variant(int64_t v) { g_force_variant.store(int(v)); }
+
+// Split-K count for wgrad: enough blocks of the planned tile for two full
+// waves (conv_cuda.h's kFillWaves at the tile's residency), each split
+// still reducing over at least 1024 output pixels.
+int wgrad_splits(const ConvGeom& g, DType dtype, bool allow_tf32) {
+  GemmLaunch p;
+  p.g = g;
+  p.pass = Pass::Wgrad;
+  p.allow_tf32 = allow_tf32;
+  const GemmPlan pl = plan_gemm(dtype, p);
+  const int64_t resident = pl.mma && pl.variant >= 0 ? kMmaVariants[pl.variant].resident : 2;
+  const int64_t target = kFillWaves * kSms * resident;
+  const int64_t blocks = std::max<int64_t>(1, pl.grid_x * pl.grid_y * pl.grid_z);
+  const int64_t pixels = int64_t(g.N) * g.P * g.Q;
+  int64_t splits = (target + blocks - 1) / blocks;
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, pixels / 1024));
+  return int(std::clamp<int64_t>(splits, 1, 128));
+}
+
+// The geometry the CUDA path launches `pass` with (channel-padded, or
+// folded for forward and wgrad where use_fold says so).
+ConvGeom cuda_geometry(const Operands& o, Pass pass, DType dt, bool allow_tf32) {
+  const int64_t vec = kVecBytes / element_bytes(dt);
+  if (pass != Pass::Dgrad && use_fold(o.orig, vec, uses_mma(dt, allow_tf32))) return folded_geometry(o);
+  return o.g;
+}
+
+// The launch plan of one pass of the CUDA path for these operands, as the
+// host code below would launch it: [bm, bn, bk, threads, splits, mma,
+// grid_x, grid_y, grid_z, M, N, Kred, k_tiles, kind, variant, fold]. Needs no GPU (a test and
+// tools/conv_model.py hook): `input` and `weight` only give shapes and dtype.
+std::vector<int64_t> conv2d_relu_plan(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, int64_t groups, int64_t pass, bool allow_tf32) {
+  const ConvGeom orig = check_and_geometry(input, weight, std::nullopt, stride, padding, groups);
+  TORCH_CHECK(pass >= 0 && pass <= 2, kOp, " plan: `pass` must be 0 (forward), 1 (dgrad) or 2 (wgrad), got ", pass);
+  const DType dt = dtype_tag(input.scalar_type());
+  const Operands o = padded_geometry(orig, kVecBytes / element_bytes(dt));
+  GemmLaunch p;
+  p.pass = static_cast<Pass>(pass);
+  p.g = cuda_geometry(o, p.pass, dt, allow_tf32);
+  p.allow_tf32 = allow_tf32;
+  if (p.pass == Pass::Wgrad) p.splits = wgrad_splits(p.g, dt, allow_tf32);
+  const GemmPlan pl = plan_gemm(dt, p);
+  return {pl.bm, pl.bn, pl.bk, pl.threads, pl.splits, pl.mma ? 1 : 0, pl.grid_x, pl.grid_y, pl.grid_z,
+          pl.dims.M, pl.dims.N, pl.dims.Kred, pl.k_tiles, pl.kind, pl.variant, p.g.fold};
 }
 
 // ---------------------------------------------------------------------------
@@ -213,9 +318,11 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   c10::DeviceGuard guard(input.device());
   check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
-  const ConvGeom& g = o.g;
-  const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
-  const at::Tensor w = aligned(weight_krsc(weight, o));
+  const DType dt = dtype_tag(input.scalar_type());
+  const bool tf32 = conv_uses_tf32(input.scalar_type());
+  const ConvGeom g = cuda_geometry(o, Pass::Forward, dt, tf32);
+  const at::Tensor x = aligned(g.fold ? x_folded(input, g, orig) : to_nhwc(input, g.groups, g.Cg));
+  const at::Tensor w = aligned(g.fold ? weight_folded(weight, g, orig) : weight_krsc(weight, o));
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
   // Write straight into y when it already is the NHWC buffer the kernel fills.
@@ -228,20 +335,11 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   p.b = w.const_data_ptr();
   p.d = out.mutable_data_ptr();
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  p.allow_tf32 = conv_uses_tf32(input.scalar_type());
+  p.allow_tf32 = tf32;
+  p.force_variant = g_force_variant.load();
   void* stream = current_stream(input);
-  check_launch(conv_gemm_cuda(dtype_tag(input.scalar_type()), p, stream), kOp, "conv_gemm_cuda (forward)", stream);
+  check_launch(conv_gemm_cuda(dt, p, stream), kOp, "conv_gemm_cuda (forward)", stream);
   if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
-}
-
-// Split-K count for wgrad: enough blocks to fill the GPU, with each split
-// still reducing over a few thousand output pixels.
-int wgrad_splits(const ConvGeom& g) {
-  const int64_t pixels = int64_t(g.N) * g.P * g.Q;
-  const int64_t tiles = ((g.Kg + 127) / 128) * ((int64_t(g.R) * g.S * g.Cg + 63) / 64) * g.groups;
-  int64_t splits = std::max<int64_t>(1, 264 / std::max<int64_t>(1, tiles));
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, pixels / 2048));
-  return int(std::min<int64_t>(splits, 64));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
@@ -278,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   GemmLaunch p;
   p.g = g;
   p.allow_tf32 = conv_uses_tf32(input.scalar_type());
+  p.force_variant = g_force_variant.load();
   if (mask[0]) {
     const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -290,18 +389,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
     if (!direct) dx.copy_(unpad_nhwc(out, g.groups, g.Cg, orig.Cg));
   }
   if (mask[1]) {
-    const at::Tensor x = aligned(to_nhwc(input, g.groups, g.Cg));
+    const ConvGeom gw = cuda_geometry(o, Pass::Wgrad, dt, p.allow_tf32);
+    const at::Tensor x = aligned(gw.fold ? x_folded(input, gw, orig) : to_nhwc(input, g.groups, g.Cg));
+    p.g = gw;
     p.pass = Pass::Wgrad;
-    p.splits = wgrad_splits(g);
-    at::Tensor ws = at::empty({p.splits, g.K, g.R, g.S, g.Cg}, input.options().dtype(acc));
-    at::Tensor out = at::empty({g.K, g.R, g.S, g.Cg}, input.options());
-    p.a = dym.const_data_ptr();
-    p.b = x.const_data_ptr();
+    p.splits = wgrad_splits(gw, dt, p.allow_tf32);
+    // dw as the GEMM writes it: (K', R, S, Cg') or folded (K', R * fold).
+    const int64_t dw_numel = gw.fold ? int64_t(gw.K) * gw.R * gw.fold : int64_t(g.K) * g.R * g.S * g.Cg;
+    at::Tensor ws = at::empty({p.splits, dw_numel}, input.options().dtype(acc));
+    at::Tensor out = at::empty({dw_numel}, input.options());
+    // The folded wgrad's long side, (r, u) of x, is its GEMM's M: A = x.
+    p.a = (gw.fold ? x : dym).const_data_ptr();
+    p.b = (gw.fold ? dym : x).const_data_ptr();
     p.d = ws.mutable_data_ptr();
     check_launch(conv_gemm_cuda(dt, p, stream), kOpBackward, "conv_gemm_cuda (wgrad)", stream);
     check_launch(reduce_splits_cuda(dt, ws.const_data_ptr(), out.mutable_data_ptr(), out.numel(), p.splits, stream),
                  kOpBackward, "reduce_splits_cuda (wgrad)", stream);
-    dw.copy_(unpad_krsc(out, o));
+    if (gw.fold) {
+      dw.copy_(unfold_weight(out.view({gw.K, int64_t(gw.R) * gw.fold}), gw, orig));
+    } else {
+      dw.copy_(unpad_krsc(out.view({g.K, g.R, g.S, g.Cg}), o));
+    }
   }
   return {dx, dw, db};
 }
@@ -386,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_reference(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& grad_output, at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, int64_t vec,
-    int64_t splits) {
+    int64_t splits, bool fold) {
   const ConvGeom orig = check_and_geometry(input, weight, bias, stride, padding, groups);
   TORCH_CHECK(input.is_cpu(), kOp, " reference: `input` must be a CPU tensor");
   TORCH_CHECK(vec >= 1 && splits >= 1, kOp, " reference: `vec` and `splits` must be >= 1");
@@ -401,17 +509,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_refe
   const at::Tensor wt = weight_for_dgrad(w, g);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
+  // fold: forward and wgrad on the folded operands (when use_fold allows).
+  const bool folded = fold && use_fold(orig, vec, true);
+  const ConvGeom f = folded ? folded_geometry(o) : g;
+  const at::Tensor xf = folded ? x_folded(input, f, orig) : x;
   at::Tensor y = at::empty({g.N, g.P, g.Q, g.K}, acc_opts);
   at::Tensor dx = at::empty({g.N, g.H, g.W, g.C}, acc_opts);
-  at::Tensor dw = at::empty({g.K, g.R, g.S, g.Cg}, acc_opts);
-  gemm_reference_cpu(g, Pass::Forward, x, w, b, y, 1, 1);
+  at::Tensor dw = folded ? at::empty({f.K, int64_t(f.R) * f.fold}, acc_opts) : at::empty({g.K, g.R, g.S, g.Cg}, acc_opts);
+  gemm_reference_cpu(f, Pass::Forward, xf, folded ? weight_folded(weight, f, orig) : w, b, y, 1, 1);
   at::Tensor dym = at::empty({g.N, g.P, g.Q, g.K}, input.options());
   relu_grad_cpu(to_nhwc(grad_output, g.groups, g.Kg), y.to(input.scalar_type()), dym);
   gemm_reference_cpu(g, Pass::Dgrad, dym, wt, at::Tensor(), dx, 1, 1);
-  gemm_reference_cpu(g, Pass::Wgrad, dym, x, at::Tensor(), dw, int(splits), kTileKBytes / int(input.element_size()));
+  // (folded wgrad: A = x, B = dy; conv_math.h)
+  gemm_reference_cpu(f, Pass::Wgrad, folded ? xf : dym, folded ? dym : xf, at::Tensor(), dw, int(splits),
+                     kTileKBytes / int(input.element_size()));
   const at::Tensor db = dym.to(acc).sum({0, 1, 2}).reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K});
   return {unpad_nhwc(y, g.groups, g.Kg, orig.Kg).contiguous(), unpad_nhwc(dx, g.groups, g.Cg, orig.Cg).contiguous(),
-          unpad_krsc(dw, o).contiguous(), db};
+          (folded ? unfold_weight(dw, f, orig) : unpad_krsc(dw, o)).contiguous(), db};
 }
 
 #ifndef ALEXNET_EXT_WITH_CUDA
@@ -437,14 +551,18 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
         "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Test hook: whether the CUDA kernels would use TF32 for this dtype now.
   m.def("_conv2d_relu_uses_tf32(ScalarType dtype) -> bool", &alexnet_ext::conv::conv_uses_tf32);
+  m.def("_conv2d_relu_force_variant(int variant) -> ()", &alexnet_ext::conv::force_variant);
+  m.def("_conv2d_relu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, int groups, int pass_, "
+        "bool allow_tf32) -> int[]");
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
-        "int[2] padding, int groups, int vec, int splits) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int[2] padding, int groups, int vec, int splits, bool fold=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(alexnet_ext, CPU, m) {
   m.impl("conv2d_relu_forward", &alexnet_ext::conv::conv2d_relu_forward);
   m.impl("conv2d_relu_backward", &alexnet_ext::conv::conv2d_relu_backward);
   m.impl("_conv2d_relu_gemm_reference", &alexnet_ext::conv::conv2d_relu_gemm_reference);
+  m.impl("_conv2d_relu_plan", &alexnet_ext::conv::conv2d_relu_plan);
 }
 
 TORCH_LIBRARY_IMPL(alexnet_ext, CUDA, m) {

@@ -1,19 +1,22 @@
 // Implicit-GEMM CUDA kernels for conv2d + bias + ReLU (forward, dgrad,
 // wgrad) and the small backward helpers. No PyTorch headers: conv.cpp
-// prepares the operands (NHWC, KRSC, wt; channels padded to 16 bytes) and
-// calls the launchers of conv_cuda.h. The index math is conv_math.h's, the
-// same the CPU reference loops run in tests/test_conv.py.
+// prepares the operands (NHWC, KRSC, wt; channels padded to 16 bytes, or
+// folded for few-channel inputs) and calls the launchers of conv_cuda.h,
+// which launch the tile conv_cuda.h's plan_gemm chooses. The index math is
+// conv_math.h's, the same the CPU reference loops run in tests/test_conv.py.
 //
 // One kernel template serves every pass. A block computes a BM x BN tile of
 // D = A B for one group (and one split-K range in wgrad), 128 threads:
-//  - global -> shared: 16-byte cp.async vectors along each operand's
-//    contiguous dimension (the reduction index t for forward and dgrad, the
-//    row/column index for wgrad), zero-filled (src-size 0) where the header
-//    says the element is padding or the tile runs past the problem;
-//    3-stage pipeline; rows padded by 16 bytes against bank conflicts;
-//  - math: mma.sync m16n8k16 (float16/bfloat16) or m16n8k8 TF32 (float32)
-//    with float32 accumulators, 4 warps of 64x32; or exact FFMA (float32
-//    without TF32, float64), 4x8 per thread on a 64x64 tile;
+//  - global -> shared: cp.async vectors (16 bytes; 8 in 16-bit folded
+//    operands) along each operand's contiguous dimension (the reduction
+//    index t for forward and dgrad, the row/column index for wgrad),
+//    zero-filled (src-size) where the header says the element is padding
+//    or the tile runs past the problem; 3-stage pipeline; rows padded by 16
+//    bytes against bank conflicts; indices split by multiply-shift FastDiv;
+//  - math: mma.sync m16n8k16 (float16/bfloat16, fragments by ldmatrix.x4,
+//    .trans for wgrad's MN-major tiles) or m16n8k8 TF32 (float32) with
+//    float32 accumulators, 2 x 2 warps of (BM/2) x (BN/2); or exact FFMA
+//    (float32 without TF32, float64), 4x8 per thread on a 64x64 tile;
 //  - epilogue: bias + ReLU on the accumulators (forward), bounds-checked
 //    stores (wgrad: float32/64 partial sums into its split's workspace slice).
 #include <cuda_runtime.h>
@@ -31,26 +34,32 @@ namespace alexnet_ext {
 namespace conv {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = kGemmThreads;
 constexpr int kStages = 3;
 
 // Tile shape and shared-memory layout of one kernel variant.
-template <typename T, bool kWgrad, bool kMma>
+template <typename T, int kKind, bool kMma, int kBM, int kBN>
 struct Tiles {
-  static constexpr int BM = kMma ? 128 : 64;
-  static constexpr int BN = 64;
+  static constexpr bool kMNMajor = kKind == kKindWgrad || kKind == kKindFoldWgrad;
+  static constexpr bool kFold = kKind == kKindFoldForward || kKind == kKindFoldWgrad;
+  static constexpr int BM = kBM, BN = kBN;
   static constexpr int BK = kTileKBytes / int(sizeof(T));  // 32 half, 16 float, 8 double
   static constexpr int VEC = kVecBytes / int(sizeof(T));   // elements per 16-byte copy
-  // forward/dgrad: K-major rows [BM][BK + VEC]; wgrad: MN-major rows
-  // [BK][BM + VEC]. The VEC padding keeps rows 16-byte aligned and shifts
-  // consecutive rows by 4 banks.
-  static constexpr int A_ELEMS = kWgrad ? BK * (BM + VEC) : BM * (BK + VEC);
-  static constexpr int B_ELEMS = kWgrad ? BK * (BN + VEC) : BN * (BK + VEC);
+  // Elements per copy of A and B: a folded operand (x, and the folded
+  // weight whose reduction R*fold is a multiple of kFoldVec only) copies
+  // kFoldVec elements (8 bytes in 16-bit types).
+  static constexpr int AV = kFold ? kFoldVec : VEC;
+  static constexpr int BV = kKind == kKindFoldForward ? kFoldVec : VEC;
+  // K-major rows [BM][BK + VEC] (forward, dgrad); MN-major rows
+  // [BK][BM + VEC] (wgrad). The VEC padding keeps rows 16-byte aligned and
+  // shifts consecutive rows by 4 banks.
+  static constexpr int A_ELEMS = kMNMajor ? BK * (BM + VEC) : BM * (BK + VEC);
+  static constexpr int B_ELEMS = kMNMajor ? BK * (BN + VEC) : BN * (BK + VEC);
   __device__ __forceinline__ static int a_index(int m, int k) {
-    return kWgrad ? k * (BM + VEC) + m : m * (BK + VEC) + k;
+    return kMNMajor ? k * (BM + VEC) + m : m * (BK + VEC) + k;
   }
   __device__ __forceinline__ static int b_index(int n, int k) {
-    return kWgrad ? k * (BN + VEC) + n : n * (BK + VEC) + k;
+    return kMNMajor ? k * (BN + VEC) + n : n * (BK + VEC) + k;
   }
 };
 
@@ -58,10 +67,19 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros.
+// global -> shared copy of kBytes (16: .cg, 4/8: .ca); the destination
+// past src_bytes (0..kBytes) is filled with zeros.
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(kBytes),
+                 "r"(src_bytes));
+  }
+}
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+  cp_async<16>(dst, src, valid ? 16 : 0);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -69,25 +87,25 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Forward/dgrad A rows of this thread: vector v of the A tile is c =
-// threadIdx.x + v * kThreads, row c / (BK/VEC), and always the same column
-// (kThreads is a multiple of BK/VEC), so the pixel part of the gather is
-// computed once per block instead of once per k-tile.
-template <typename T, bool kWgrad, bool kMma>
+// K-major A rows of this thread (forward, dgrad, folded forward): vector v
+// of the A tile is c = threadIdx.x + v * kThreads, row c / (BK/AV), and
+// always the same column (kThreads is a multiple of BK/AV), so the pixel
+// part of the gather is computed once per block instead of once per k-tile.
+template <typename L>
 struct ARows {
-  using L = Tiles<T, kWgrad, kMma>;
-  static constexpr int kVecsPerRow = L::BK / L::VEC;
-  static constexpr int kCount = L::BM * kVecsPerRow / kThreads;
-  static_assert(kThreads % kVecsPerRow == 0 && (L::BM * kVecsPerRow) % kThreads == 0, "A tile split");
+  static constexpr int kVecsPerRow = L::BK / L::AV;
+  static constexpr int kCount = L::kMNMajor ? 1 : L::BM * kVecsPerRow / kThreads;
+  static_assert(L::kMNMajor || (kThreads % kVecsPerRow == 0 && (L::BM * kVecsPerRow) % kThreads == 0),
+                "A tile split");
   PixelRow row[kCount];
   bool valid[kCount];
   __device__ __forceinline__ static int m_of(int v) { return (threadIdx.x + v * kThreads) / kVecsPerRow; }
-  __device__ __forceinline__ static int k_of() { return (threadIdx.x % kVecsPerRow) * L::VEC; }
+  __device__ __forceinline__ static int k_of() { return (threadIdx.x % kVecsPerRow) * L::AV; }
 };
 
-template <typename T, bool kWgrad, bool kMma>
+template <typename L>
 __device__ __forceinline__ void init_rows(const GemmLaunch& p, Pass pass, const GemmDims& dims, int64_t i0,
-                                          ARows<T, kWgrad, kMma>& rows) {
+                                          ARows<L>& rows) {
 #pragma unroll
   for (int v = 0; v < rows.kCount; ++v) {
     const int64_t i = i0 + rows.m_of(v);
@@ -97,68 +115,104 @@ __device__ __forceinline__ void init_rows(const GemmLaunch& p, Pass pass, const 
 }
 
 // Copies the k-tile starting at t0 (the reduction range ends at t_end) of
-// both operands into one pipeline stage. Every 16-byte vector is wholly
-// inside the problem or wholly outside: M, N and Kred are multiples of VEC
-// along the vector's direction, and a vector along t stays within one (r,s).
-template <typename T, bool kWgrad, bool kMma>
-__device__ __forceinline__ void load_tile(const GemmLaunch& p, const GemmDims& dims, int grp, int64_t i0, int64_t j0,
-                                          const ARows<T, kWgrad, kMma>& rows, int64_t t0, int64_t t_end, T* As,
+// both operands into one pipeline stage. Every copy is wholly inside the
+// problem or wholly outside: M, N and Kred are multiples of the copy width
+// along its direction, and a copy along t stays within one (r,s) (or one
+// folded filter row, whose tail past the S*C taps is zero-filled). No
+// division by a runtime value: the header's FastDiv (ConvGeom::div). The
+// copy loops have compile-time trip counts (fully unrolled).
+template <typename T, int kKind, typename L>
+__device__ __forceinline__ void load_tile(const GemmLaunch& p, Pass pass, const GemmDims& dims, int grp, int64_t i0,
+                                          int64_t j0, const ARows<L>& rows, int64_t t0, int64_t t_end, T* As,
                                           T* Bs) {
-  using L = Tiles<T, kWgrad, kMma>;
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
-  const Pass pass = kWgrad ? Pass::Wgrad : p.pass;
-  if constexpr (kWgrad) {  // A = dy, vectors along m (output channels)
-    constexpr int A_VECS = L::BM * L::BK / L::VEC;
+  constexpr int kAB = L::AV * int(sizeof(T)), kBB = L::BV * int(sizeof(T));
+  if constexpr (L::kMNMajor) {  // wgrad: A = dy (vectors along k) or folded x (along (r,u))
+    constexpr int A_VECS = L::BM * L::BK / L::AV;
 #pragma unroll
-    for (int c = threadIdx.x; c < A_VECS; c += kThreads) {
-      const int k = c / (L::BM / L::VEC), m = (c % (L::BM / L::VEC)) * L::VEC;
+    for (int v = 0; v < (A_VECS + kThreads - 1) / kThreads; ++v) {
+      const int c = threadIdx.x + v * kThreads;
+      if (A_VECS % kThreads != 0 && c >= A_VECS) break;
+      const int k = c / (L::BM / L::AV), m = (c % (L::BM / L::AV)) * L::AV;
       const int64_t i = i0 + m, t = t0 + k;
       int64_t off = -1;
-      if (i < dims.M && t < t_end) off = a_offset(p.g, pass, grp, i, t);
-      cp_async_16(As + L::a_index(m, k), off >= 0 ? a + off : a, off >= 0);
+      int bytes = kAB;
+      if (i < dims.M && t < t_end) {
+        off = a_offset(p.g, pass, grp, i, t);
+        if (L::kFold) bytes = fold_run_left(p.g, i) * int(sizeof(T));
+      }
+      cp_async<kAB>(As + L::a_index(m, k), off >= 0 ? a + off : a, off >= 0 ? bytes : 0);
     }
-  } else {  // A = x (forward) or dy (dgrad), vectors along t
+  } else {  // A = x (forward, folded or not) or dy (dgrad), vectors along t
     const int k = rows.k_of();
     const int64_t t = t0 + k;
-    const Tap tap = a_tap(p.g, pass, t < t_end ? t : 0);
+    const bool t_ok = t < t_end;
+    Tap tap{};
+    int bytes = kAB;
+    if constexpr (L::kFold) {
+      bytes = t_ok ? fold_run_left(p.g, t) * int(sizeof(T)) : 0;
+    } else {
+      tap = a_tap(p.g, pass, t_ok ? t : 0);
+    }
 #pragma unroll
     for (int v = 0; v < rows.kCount; ++v) {
       int64_t off = -1;
-      if (rows.valid[v] && t < t_end) off = a_offset_at(p.g, pass, grp, rows.row[v], tap);
-      cp_async_16(As + L::a_index(rows.m_of(v), k), off >= 0 ? a + off : a, off >= 0);
+      if constexpr (L::kFold) {
+        if (rows.valid[v] && t_ok) off = fold_at(p.g, rows.row[v], t);
+        cp_async<kAB>(As + L::a_index(rows.m_of(v), k), off >= 0 ? a + off : a, off >= 0 ? bytes : 0);
+      } else {
+        if (rows.valid[v] && t_ok) off = a_offset_at(p.g, pass, grp, rows.row[v], tap);
+        cp_async_16(As + L::a_index(rows.m_of(v), k), off >= 0 ? a + off : a, off >= 0);
+      }
     }
   }
-  constexpr int B_VECS = L::BN * L::BK / L::VEC;
+  constexpr int B_VECS = L::BN * L::BK / L::BV;
 #pragma unroll
-  for (int c = threadIdx.x; c < B_VECS; c += kThreads) {
+  for (int v = 0; v < (B_VECS + kThreads - 1) / kThreads; ++v) {
+    const int c = threadIdx.x + v * kThreads;
+    if (B_VECS % kThreads != 0 && c >= B_VECS) break;
     int n, k;
-    if (kWgrad) {  // B = x (im2col), vectors along j (input channels)
-      k = c / (L::BN / L::VEC);
-      n = (c % (L::BN / L::VEC)) * L::VEC;
-    } else {  // B = w or wt, vectors along t
-      n = c / (L::BK / L::VEC);
-      k = (c % (L::BK / L::VEC)) * L::VEC;
+    if (L::kMNMajor) {  // B = x (im2col, vectors along input channels) or dy (folded, along k)
+      k = c / (L::BN / L::BV);
+      n = (c % (L::BN / L::BV)) * L::BV;
+    } else {  // B = w, folded w or wt, vectors along t
+      n = c / (L::BK / L::BV);
+      k = (c % (L::BK / L::BV)) * L::BV;
     }
     const int64_t j = j0 + n, t = t0 + k;
     int64_t off = -1;
     if (j < dims.N && t < t_end) off = b_offset(p.g, pass, grp, t, j);
-    cp_async_16(Bs + L::b_index(n, k), off >= 0 ? b + off : b, off >= 0);
+    cp_async<kBB>(Bs + L::b_index(n, k), off >= 0 ? b + off : b, off >= 0 ? kBB : 0);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Tensor-core math
 
-__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-
-// Two 16-bit elements (k, k+1) of one row/column as the 32-bit register
-// mma.sync expects (lower k in the low half).
-template <typename T, bool kKMajor>
-__device__ __forceinline__ uint32_t pair_at(const T* s, int idx_k, int idx_k1) {
-  if (kKMajor) return *reinterpret_cast<const uint32_t*>(s + idx_k);  // idx_k1 == idx_k + 1, 4-byte aligned
-  return bits16(s[idx_k]) | (bits16(s[idx_k1]) << 16);
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row_addr)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row_addr)));
+  }
+}
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row_addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(row_addr)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(row_addr)));
+  }
 }
 
 __device__ __forceinline__ uint32_t to_tf32(float v) {
@@ -190,11 +244,13 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// 4 warps as 2 x 2, each a 64 x 32 warp tile = 4 x 4 mma tiles of 16 x 8.
-constexpr int kWarpM = 64, kWarpN = 32, kMmaTilesM = 4, kMmaTilesN = 4;
-
+// 4 warps as 2 x 2, each a (BM/2) x (BN/2) warp tile of TM x TN mma tiles
+// of 16 x 8.
+template <typename L>
 struct MmaAcc {
-  float v[kMmaTilesM][kMmaTilesN][4];
+  static constexpr int WM = L::BM / 2, WN = L::BN / 2, TM = WM / 16, TN = WN / 8;
+  static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile");
+  float v[TM][TN][4];
 };
 
 // Fragment layouts (PTX ISA, mma.m16n8k16 / m16n8k8 .tf32), with
@@ -202,82 +258,103 @@ struct MmaAcc {
 //   A (row-major 16 x K): rows g and g+8; 16-bit: k = 2q,2q+1 and +8; tf32: k = q and q+4
 //   B (col-major K x 8):  column g;       16-bit: k = 2q,2q+1 and +8; tf32: k = q and q+4
 //   C (16 x 8, f32):      rows g and g+8, columns 2q and 2q+1
-template <typename T, bool kWgrad>
-__device__ __forceinline__ void mma_stage(const T* As, const T* Bs, MmaAcc& acc) {
-  using L = Tiles<T, kWgrad, true>;
+template <typename T, typename L>
+__device__ __forceinline__ void mma_stage(const T* As, const T* Bs, MmaAcc<L>& acc) {
+  using Acc = MmaAcc<L>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
+  const int wm = (warp / 2) * Acc::WM, wn = (warp % 2) * Acc::WN;
   const int g = lane / 4, q = lane % 4;
-  constexpr bool kKMajor = !kWgrad;
+  constexpr bool kKMajor = !L::kMNMajor;
   if constexpr (sizeof(T) == 2) {
+    // ldmatrix: lane l supplies the address of row l % 8 of 8x8 matrix
+    // l / 8 (16 bytes, 16-byte aligned: rows are padded by VEC elements).
+    // K-major tiles (rows m or n, k contiguous) load as they are, MN-major
+    // ones (rows k) with .trans; either way register i is matrix i in the
+    // mma fragment layout above. A 16x16 A fragment: matrices (m+0, k+0),
+    // (m+8, k+0), (m+0, k+8), (m+8, k+8); a pair of 8-column B fragments:
+    // (n+0, k+0), (n+0, k+8), (n+8, k+0), (n+8, k+8).
+    const int mat = lane / 8, row = lane % 8;
 #pragma unroll
     for (int ks = 0; ks < L::BK; ks += 16) {
-      uint32_t a[kMmaTilesM][4], b[kMmaTilesN][2];
+      uint32_t a[Acc::TM][4], b[Acc::TN][2];
 #pragma unroll
-      for (int mt = 0; mt < kMmaTilesM; ++mt) {
-        const int r = wm + mt * 16 + g;
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {  // h: +8 rows (bit 0), +8 k (bit 1)
-          const int rr = r + (h & 1) * 8, kk = ks + 2 * q + (h >> 1) * 8;
-          a[mt][h] = pair_at<T, kKMajor>(As, L::a_index(rr, kk), L::a_index(rr, kk + 1));
+      for (int mt = 0; mt < Acc::TM; ++mt) {
+        const int m = wm + mt * 16 + (mat & 1) * 8, k = ks + (mat >> 1) * 8;
+        if constexpr (kKMajor) {
+          ldmatrix_x4<false>(a[mt], As + L::a_index(m + row, k));
+        } else {
+          ldmatrix_x4<true>(a[mt], As + L::a_index(m, k + row));
         }
       }
 #pragma unroll
-      for (int nt = 0; nt < kMmaTilesN; ++nt) {
-        const int c = wn + nt * 8 + g;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int kk = ks + 2 * q + h * 8;
-          b[nt][h] = pair_at<T, kKMajor>(Bs, L::b_index(c, kk), L::b_index(c, kk + 1));
+      for (int nt = 0; nt < Acc::TN; nt += 2) {
+        if (nt + 1 < Acc::TN) {
+          const int n = wn + nt * 8 + (mat >> 1) * 8, k = ks + (mat & 1) * 8;
+          uint32_t r[4];
+          if constexpr (kKMajor) {
+            ldmatrix_x4<false>(r, Bs + L::b_index(n + row, k));
+          } else {
+            ldmatrix_x4<true>(r, Bs + L::b_index(n, k + row));
+          }
+          b[nt][0] = r[0], b[nt][1] = r[1], b[nt + 1][0] = r[2], b[nt + 1][1] = r[3];
+        } else {  // odd TN: the last fragment alone (lanes 16-31's addresses are ignored)
+          const int n = wn + nt * 8, k = ks + (mat & 1) * 8;
+          if constexpr (kKMajor) {
+            ldmatrix_x2<false>(b[nt], Bs + L::b_index(n + row, k));
+          } else {
+            ldmatrix_x2<true>(b[nt], Bs + L::b_index(n, k + row));
+          }
         }
       }
 #pragma unroll
-      for (int mt = 0; mt < kMmaTilesM; ++mt)
+      for (int mt = 0; mt < Acc::TM; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kMmaTilesN; ++nt) mma_16816(acc.v[mt][nt], a[mt], b[nt], T{});
+        for (int nt = 0; nt < Acc::TN; ++nt) mma_16816(acc.v[mt][nt], a[mt], b[nt], T{});
     }
   } else {  // float on TF32 tensor cores
 #pragma unroll
     for (int ks = 0; ks < L::BK; ks += 8) {
-      uint32_t a[kMmaTilesM][4], b[kMmaTilesN][2];
+      uint32_t a[Acc::TM][4], b[Acc::TN][2];
 #pragma unroll
-      for (int mt = 0; mt < kMmaTilesM; ++mt) {
+      for (int mt = 0; mt < Acc::TM; ++mt) {
         const int r = wm + mt * 16 + g;
 #pragma unroll
         for (int h = 0; h < 4; ++h) a[mt][h] = to_tf32(As[L::a_index(r + (h & 1) * 8, ks + q + (h >> 1) * 4)]);
       }
 #pragma unroll
-      for (int nt = 0; nt < kMmaTilesN; ++nt) {
+      for (int nt = 0; nt < Acc::TN; ++nt) {
         const int c = wn + nt * 8 + g;
 #pragma unroll
         for (int h = 0; h < 2; ++h) b[nt][h] = to_tf32(Bs[L::b_index(c, ks + q + h * 4)]);
       }
 #pragma unroll
-      for (int mt = 0; mt < kMmaTilesM; ++mt)
+      for (int mt = 0; mt < Acc::TM; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kMmaTilesN; ++nt) mma_1688_tf32(acc.v[mt][nt], a[mt], b[nt]);
+        for (int nt = 0; nt < Acc::TN; ++nt) mma_1688_tf32(acc.v[mt][nt], a[mt], b[nt]);
     }
   }
 }
 
-__device__ __forceinline__ void zero(MmaAcc& acc) {
+template <typename L>
+__device__ __forceinline__ void zero(MmaAcc<L>& acc) {
 #pragma unroll
-  for (int mt = 0; mt < kMmaTilesM; ++mt)
+  for (int mt = 0; mt < MmaAcc<L>::TM; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < kMmaTilesN; ++nt)
+    for (int nt = 0; nt < MmaAcc<L>::TN; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc.v[mt][nt][c] = 0.f;
 }
 
 // Calls fn(row, col, value) for every accumulator of this thread.
-template <typename Fn>
-__device__ __forceinline__ void for_each_acc(const MmaAcc& acc, Fn fn) {
+template <typename L, typename Fn>
+__device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
+  using Acc = MmaAcc<L>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
+  const int wm = (warp / 2) * Acc::WM, wn = (warp % 2) * Acc::WN;
 #pragma unroll
-  for (int mt = 0; mt < kMmaTilesM; ++mt)
+  for (int mt = 0; mt < Acc::TM; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < kMmaTilesN; ++nt)
+    for (int nt = 0; nt < Acc::TN; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         fn(wm + mt * 16 + lane / 4 + (c >> 1) * 8, wn + nt * 8 + (lane % 4) * 2 + (c & 1), acc.v[mt][nt][c]);
@@ -292,9 +369,9 @@ struct FmaAcc {
   acc_t<T> v[TM][TN];
 };
 
-template <typename T, bool kWgrad>
+template <typename T, typename L>
 __device__ __forceinline__ void fma_stage(const T* As, const T* Bs, FmaAcc<T>& acc) {
-  using L = Tiles<T, kWgrad, false>;
+  static_assert(L::BM == 64 && L::BN == 64, "FFMA tile");
   using A = FmaAcc<T>;
   const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 #pragma unroll
@@ -332,14 +409,16 @@ __device__ __forceinline__ void for_each_acc(const FmaAcc<T>& acc, Fn fn) {
 // The kernel. Grid: x over BM row tiles, y over BN column tiles, z over
 // groups x splits (z = grp * splits + split).
 
-template <typename T, bool kWgrad, bool kMma>
+template <typename T, int kKind, bool kMma, int kBM, int kBN>
 __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch p) {
-  using L = Tiles<T, kWgrad, kMma>;
-  using Acc = typename std::conditional<kMma, MmaAcc, FmaAcc<T>>::type;
+  using L = Tiles<T, kKind, kMma, kBM, kBN>;
+  using Acc = typename std::conditional<kMma, MmaAcc<L>, FmaAcc<T>>::type;
+  constexpr bool kWgrad = L::kMNMajor;
   __shared__ __align__(16) T As[kStages][L::A_ELEMS];
   __shared__ __align__(16) T Bs[kStages][L::B_ELEMS];
+  __shared__ acc_t<T> bias_s[L::BN];
 
-  const Pass pass = kWgrad ? Pass::Wgrad : p.pass;
+  const Pass pass = kWgrad ? Pass::Wgrad : kKind == kKindFoldForward ? Pass::Forward : p.pass;
   const GemmDims dims = gemm_dims(p.g, pass);
   const int splits = kWgrad ? p.splits : 1;
   const int grp = blockIdx.z / splits, split = blockIdx.z % splits;
@@ -350,11 +429,13 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
 
   Acc acc;
   zero(acc);
-  ARows<T, kWgrad, kMma> rows;
+  ARows<L> rows;
   if constexpr (!kWgrad) init_rows(p, pass, dims, i0, rows);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_tile(p, dims, grp, i0, j0, rows, t_begin + int64_t(s) * L::BK, t_end, As[s], Bs[s]);
+    if (s < k_tiles) {
+      load_tile<T, kKind>(p, pass, dims, grp, i0, j0, rows, t_begin + int64_t(s) * L::BK, t_end, As[s], Bs[s]);
+    }
     cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
@@ -364,29 +445,40 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
     __syncthreads();
     const int next = kt + kStages - 1;
     if (next < k_tiles) {
-      load_tile(p, dims, grp, i0, j0, rows, t_begin + int64_t(next) * L::BK, t_end, As[next % kStages],
-                Bs[next % kStages]);
+      load_tile<T, kKind>(p, pass, dims, grp, i0, j0, rows, t_begin + int64_t(next) * L::BK, t_end,
+                          As[next % kStages], Bs[next % kStages]);
     }
     cp_async_commit();
     const int st = kt % kStages;
     if constexpr (kMma) {
-      mma_stage<T, kWgrad>(As[st], Bs[st], acc);
+      mma_stage<T, L>(As[st], Bs[st], acc);
     } else {
-      fma_stage<T, kWgrad>(As[st], Bs[st], acc);
+      fma_stage<T, L>(As[st], Bs[st], acc);
     }
   }
   cp_async_wait<0>();
 
   // Epilogue: bias + ReLU in registers (forward), one bounds-checked store.
-  const T* bias = static_cast<const T*>(p.bias);
+  // wgrad: float32/64 partial sums into its split's workspace slice. The
+  // block's BN bias values are read from global memory once, into shared
+  // memory (0 without bias: relu(v + 0) == relu(v), NaN included).
+  const int64_t slice = dims.M * dims.N * p.g.groups;
+  if (!kWgrad && pass == Pass::Forward) {  // uniform over the block
+    const T* bias = static_cast<const T*>(p.bias);
+    for (int c = threadIdx.x; c < L::BN; c += kThreads) {
+      const int64_t j = j0 + c;
+      bias_s[c] = bias != nullptr && j < dims.N ? to_acc(bias[int64_t(grp) * p.g.Kg + j]) : acc_t<T>(0);
+    }
+    __syncthreads();
+  }
   for_each_acc(acc, [&](int r, int c, acc_t<T> v) {
     const int64_t i = i0 + r, j = j0 + c;
     if (i >= dims.M || j >= dims.N) return;
     const int64_t off = d_offset(p.g, pass, grp, i, j);
     if (kWgrad) {
-      static_cast<acc_t<T>*>(p.d)[int64_t(split) * p.g.K * p.g.R * p.g.S * p.g.Cg + off] = v;
+      static_cast<acc_t<T>*>(p.d)[int64_t(split) * slice + off] = v;
     } else if (pass == Pass::Forward) {
-      if (bias != nullptr) v += to_acc(bias[int64_t(grp) * p.g.Kg + j]);
+      v += bias_s[c];
       static_cast<T*>(p.d)[off] = from_acc<T>(relu(v));
     } else {
       static_cast<T*>(p.d)[off] = from_acc<T>(v);
@@ -394,23 +486,39 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   });
 }
 
-template <typename T, bool kWgrad, bool kMma>
-LaunchStatus launch_gemm(const GemmLaunch& p, cudaStream_t stream) {
-  using L = Tiles<T, kWgrad, kMma>;
-  const GemmDims dims = gemm_dims(p.g, p.pass);
-  const int splits = kWgrad ? p.splits : 1;
-  const int64_t gx = (dims.M + L::BM - 1) / L::BM, gy = (dims.N + L::BN - 1) / L::BN;
-  if (gx > 0x7fffffff || gy > 65535 || int64_t(p.g.groups) * splits > 65535) {
+template <typename T, int kKind, bool kMma, int kBM, int kBN>
+LaunchStatus launch_gemm(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t stream) {
+  static_assert(kThreads == kGemmThreads, "conv_cuda.h's plan_gemm describes these kernels");
+  if (plan.grid_x > 0x7fffffff || plan.grid_y > 65535 || plan.grid_z > 65535) {
     return static_cast<LaunchStatus>(cudaErrorInvalidConfiguration);
   }
-  dim3 grid(unsigned(gx), unsigned(gy), unsigned(p.g.groups * splits));
-  conv_gemm_kernel<T, kWgrad, kMma><<<grid, kThreads, 0, stream>>>(p);
+  dim3 grid(unsigned(plan.grid_x), unsigned(plan.grid_y), unsigned(plan.grid_z));
+  conv_gemm_kernel<T, kKind, kMma, kBM, kBN><<<grid, kThreads, 0, stream>>>(p);
   return static_cast<LaunchStatus>(cudaGetLastError());
 }
 
-template <typename T, bool kMma>
-LaunchStatus launch_pass(const GemmLaunch& p, cudaStream_t stream) {
-  return p.pass == Pass::Wgrad ? launch_gemm<T, true, kMma>(p, stream) : launch_gemm<T, false, kMma>(p, stream);
+// The compiled variants, in the order of conv_cuda.h's kMmaVariants.
+template <typename T>
+LaunchStatus launch_mma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t s) {
+  switch (plan.variant) {
+    case 0: return launch_gemm<T, kKindKMajor, true, 128, 64>(plan, p, s);
+    case 1: return launch_gemm<T, kKindKMajor, true, 128, 48>(plan, p, s);
+    case 2: return launch_gemm<T, kKindKMajor, true, 64, 64>(plan, p, s);
+    case 3: return launch_gemm<T, kKindKMajor, true, 64, 32>(plan, p, s);
+    case 4: return launch_gemm<T, kKindWgrad, true, 128, 64>(plan, p, s);
+    case 5: return launch_gemm<T, kKindWgrad, true, 64, 64>(plan, p, s);
+    case 6: return launch_gemm<T, kKindFoldForward, true, 128, 48>(plan, p, s);
+    case 7: return launch_gemm<T, kKindFoldForward, true, 128, 64>(plan, p, s);
+    case 8: return launch_gemm<T, kKindFoldWgrad, true, 32, 48>(plan, p, s);
+    case 9: return launch_gemm<T, kKindFoldWgrad, true, 32, 64>(plan, p, s);
+  }
+  return static_cast<LaunchStatus>(cudaErrorInvalidValue);
+}
+template <typename T>
+LaunchStatus launch_ffma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t s) {
+  if (plan.variant == kFfmaKMajor) return launch_gemm<T, kKindKMajor, false, 64, 64>(plan, p, s);
+  if (plan.variant == kFfmaWgrad) return launch_gemm<T, kKindWgrad, false, 64, 64>(plan, p, s);
+  return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }
 
 // ---------------------------------------------------------------------------
@@ -458,11 +566,17 @@ __global__ void reduce_splits_kernel(const acc_t<T>* __restrict__ partial, T* __
 
 LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // The index math divides through ConvGeom::div: prepared here, whoever
+  // filled in the geometry.
+  GemmLaunch q = p;
+  q.g = with_divisors(p.g);
+  const GemmPlan plan = plan_gemm(dtype, q);
+  if (plan.variant < 0) return static_cast<LaunchStatus>(cudaErrorInvalidValue);
   switch (dtype) {
-    case DType::Float16: return launch_pass<__half, true>(p, s);
-    case DType::BFloat16: return launch_pass<__nv_bfloat16, true>(p, s);
-    case DType::Float32: return p.allow_tf32 ? launch_pass<float, true>(p, s) : launch_pass<float, false>(p, s);
-    case DType::Float64: return launch_pass<double, false>(p, s);
+    case DType::Float16: return launch_mma<__half>(plan, q, s);
+    case DType::BFloat16: return launch_mma<__nv_bfloat16>(plan, q, s);
+    case DType::Float32: return plan.mma ? launch_mma<float>(plan, q, s) : launch_ffma<float>(plan, q, s);
+    case DType::Float64: return launch_ffma<double>(plan, q, s);
   }
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }

@@ -22,17 +22,126 @@ constexpr int kTileKBytes = 64;
 struct GemmLaunch {
   ConvGeom g;
   Pass pass = Pass::Forward;
-  const void* a = nullptr;  // forward: x, dgrad: masked dy, wgrad: masked dy
-  const void* b = nullptr;  // forward: w (KRSC), dgrad: wt, wgrad: x
+  const void* a = nullptr;  // forward: x, dgrad: masked dy, wgrad: masked dy (folded wgrad: x)
+  const void* b = nullptr;  // forward: w (KRSC), dgrad: wt, wgrad: x (folded wgrad: masked dy)
   void* d = nullptr;        // forward: y, dgrad: dx (element dtype); wgrad: float32/64 workspace
   const void* bias = nullptr;  // forward only, may be null; ReLU is applied in forward only
   int splits = 1;              // wgrad: split-K count; d holds splits * K * R*S*Cg partial sums
   bool allow_tf32 = true;      // float32 on tensor cores (TF32) or exact FFMA
+  int force_variant = -1;      // test hook: this kMmaVariants entry if its kind fits, else the plan's choice
 };
 
 // One pass of conv_math.h as a tiled implicit GEMM (tensor cores for
 // float16/bfloat16 and TF32, FFMA for float32 without TF32 and float64).
 LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream);
+
+// ---------------------------------------------------------------------------
+// Launch plan: tile shape, grid and reduction tiling of one conv_gemm_cuda
+// call, computed on the host. The launcher launches exactly this plan and
+// tools/conv_model.py reads it (through the _conv2d_relu_plan op) to model
+// the executed MMA work and the waves without a GPU.
+
+// Kernel variants. Kinds: K-major operands (forward, dgrad), MN-major
+// (wgrad), and the folded forward / wgrad of ConvGeom::fold.
+constexpr int kGemmThreads = 128;
+constexpr int kKindKMajor = 0, kKindWgrad = 1, kKindFoldForward = 2, kKindFoldWgrad = 3;
+struct TileVariant {
+  int kind, bm, bn;
+  // Blocks per SM its registers and shared memory allow on sm_90 (as
+  // tools/conv_model.py reads them from the cubin): only steers the choice
+  // of tile and split-K count towards two full waves.
+  int resident;
+};
+// Tensor-core variants, indexed by GemmPlan::variant (conv_cuda.cu's
+// launch_mma instantiates exactly these): 2 x 2 warps of (BM/2) x (BN/2).
+constexpr TileVariant kMmaVariants[] = {
+    {kKindKMajor, 128, 64, 2},      {kKindKMajor, 128, 48, 3},      {kKindKMajor, 64, 64, 3},
+    {kKindKMajor, 64, 32, 5},       {kKindWgrad, 128, 64, 2},       {kKindWgrad, 64, 64, 4},
+    {kKindFoldForward, 128, 48, 2}, {kKindFoldForward, 128, 64, 2}, {kKindFoldWgrad, 32, 48, 5},
+    {kKindFoldWgrad, 32, 64, 5}};
+constexpr int kNumMmaVariants = int(sizeof(kMmaVariants) / sizeof(kMmaVariants[0]));
+// FFMA variants (float32 without TF32, float64): 64 x 64 tiles, no fold.
+constexpr int kFfmaKMajor = 100, kFfmaWgrad = 101;
+// A grid "fills" the GPU with two waves on an H100's 132 SMs.
+constexpr int64_t kSms = 132, kFillWaves = 2;
+
+inline int element_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::Float64: return 8;
+    case DType::Float32: return 4;
+    default: return 2;
+  }
+}
+// Tensor cores (mma.sync) for float16/bfloat16 and TF32; FFMA otherwise.
+inline bool uses_mma(DType dtype, bool allow_tf32) {
+  return dtype == DType::Float16 || dtype == DType::BFloat16 || (dtype == DType::Float32 && allow_tf32);
+}
+
+struct GemmPlan {
+  int variant = -1;            // index into kMmaVariants, kFfma*, or -1: no kernel for this launch
+  int kind = kKindKMajor;
+  int bm = 0, bn = 0, bk = 0;  // block tile: rows, columns, reduction step
+  int threads = kGemmThreads;
+  int splits = 1;              // split-K ranges (grid z = groups * splits)
+  bool mma = false;
+  int64_t grid_x = 0, grid_y = 0, grid_z = 0;
+  GemmDims dims{};             // per-group GEMM of the (channel-padded or folded) problem
+  int64_t k_tiles = 0;         // BK tiles over the whole reduction (all splits)
+};
+
+// The tile: least MMA work (M and N tile overhang); among tiles within 1%
+// of it, the largest whose grid fills two waves, else the one with the
+// most waves.
+inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
+  GemmPlan pl;
+  pl.mma = uses_mma(dtype, p.allow_tf32);
+  const bool wgrad = p.pass == Pass::Wgrad, fold = p.g.fold > 0 && p.pass != Pass::Dgrad;
+  pl.kind = wgrad ? (fold ? kKindFoldWgrad : kKindWgrad) : (fold ? kKindFoldForward : kKindKMajor);
+  pl.bk = kTileKBytes / element_bytes(dtype);
+  pl.splits = wgrad ? p.splits : 1;
+  pl.dims = gemm_dims(p.g, p.pass);
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  if (!pl.mma) {
+    pl.variant = pl.kind == kKindKMajor ? kFfmaKMajor : pl.kind == kKindWgrad ? kFfmaWgrad : -1;
+    pl.bm = pl.bn = 64;
+  } else {
+    const auto work = [&](const TileVariant& v) { return cdiv(pl.dims.M, v.bm) * v.bm * cdiv(pl.dims.N, v.bn) * v.bn; };
+    const auto blocks = [&](const TileVariant& v) {
+      return cdiv(pl.dims.M, v.bm) * cdiv(pl.dims.N, v.bn) * int64_t(p.g.groups) * pl.splits;
+    };
+    int64_t least = -1;
+    for (const TileVariant& v : kMmaVariants)
+      if (v.kind == pl.kind && (least < 0 || work(v) < least)) least = work(v);
+    for (int i = 0; i < kNumMmaVariants; ++i) {
+      const TileVariant& v = kMmaVariants[i];
+      if (v.kind != pl.kind || work(v) * 100 > least * 101) continue;
+      if (pl.variant < 0) {
+        pl.variant = i;
+        continue;
+      }
+      const TileVariant& b = kMmaVariants[pl.variant];
+      const auto waves = [&](const TileVariant& t) { return double(blocks(t)) / double(kSms * t.resident); };
+      const bool v_fills = waves(v) >= kFillWaves, b_fills = waves(b) >= kFillWaves;
+      const bool better = v_fills != b_fills ? v_fills
+                          : v_fills          ? v.bm * v.bn > b.bm * b.bn
+                                             : waves(v) > waves(b);
+      if (better) pl.variant = i;
+    }
+    if (p.force_variant >= 0 && p.force_variant < kNumMmaVariants && kMmaVariants[p.force_variant].kind == pl.kind) {
+      pl.variant = p.force_variant;
+    }
+    if (pl.variant >= 0) {
+      pl.bm = kMmaVariants[pl.variant].bm;
+      pl.bn = kMmaVariants[pl.variant].bn;
+    }
+  }
+  if (pl.variant < 0) return pl;
+  pl.grid_x = cdiv(pl.dims.M, pl.bm);
+  pl.grid_y = cdiv(pl.dims.N, pl.bn);
+  pl.grid_z = int64_t(p.g.groups) * pl.splits;
+  pl.k_tiles = cdiv(pl.dims.Kred, pl.bk);
+  return pl;
+}
 
 // out[i] = relu_grad(dy[i], y[i]) over n elements.
 LaunchStatus relu_grad_cuda(DType dtype, const void* dy, const void* y, void* out, int64_t n, void* stream);

@@ -14,6 +14,9 @@
 //   forward  i = output pixel (n,p,q)  j = out channel k   t = (r,s,c)  over R*S*Cg
 //   dgrad    i = input pixel (n,h,w)   j = in channel c    t = (r,s,k)  over R*S*Kg
 //   wgrad    i = out channel k         j = (r,s,c)         t = output pixel (n,p,q)
+// and, folded (ConvGeom::fold, few input channels), with u = s*C + c:
+//   forward  i = output pixel (n,p,q)  j = out channel k   t = (r,u)  over R*fold
+//   wgrad    i = (r,u)                 j = out channel k   t = output pixel
 // The reduction index t = (r,s,c) puts channels innermost, so a run of
 // consecutive t with the same (r,s) is a run of consecutive memory: that is
 // what lets the CUDA kernels copy 16-byte vectors (when Cg and Kg are
@@ -26,15 +29,71 @@
 namespace alexnet_ext {
 namespace conv {
 
+// Division of an index in [0, 2^31) by a runtime divisor d >= 1 as a
+// multiply and a shift (Granlund-Montgomery): m = ceil(2^p / d) with
+// p = 31 + ceil(log2 d) fits in 32 bits and n * m >> p is exact for every
+// n < 2^31. Integer `/` and `%` by a runtime value cost ~20 SASS each on the
+// GPU; the kernels' gathers divide in their k-loops, so every divisor is
+// prepared once on the host (ConvGeom::div) and this runs instead.
+struct FastDiv {
+  uint32_t d = 1, mul = 1u << 31, shift = 31;
+};
+inline FastDiv make_fast_div(int d) {
+  FastDiv f;
+  // An empty extent (an empty batch's zero-sized plane): nothing is ever
+  // divided by it, so any valid divisor will do.
+  if (d < 1) d = 1;
+  f.d = uint32_t(d);
+  int log2d = 0;
+  while ((uint64_t(1) << log2d) < uint64_t(d)) ++log2d;
+  f.shift = uint32_t(31 + log2d);
+  f.mul = uint32_t(((uint64_t(1) << f.shift) + uint64_t(d) - 1) / uint64_t(d));
+  return f;
+}
+AX_HD int operator/(int n, const FastDiv& f) {
+  return int((uint64_t(uint32_t(n)) * f.mul) >> f.shift);
+}
+AX_HD int operator%(int n, const FastDiv& f) { return n - (n / f) * int(f.d); }
+
+// The divisors of the index math below.
+struct Divisors {
+  FastDiv S, Cg, Kg, PQ, Q, HW, W, stride_h, stride_w, fold;
+};
+
 // Shape of one convolution. Sizes fit in int32 (conv.cpp checks every
-// tensor's element count), offsets are computed in int64.
+// tensor's element count), offsets are computed in int64. `div` must be
+// refreshed (with_divisors) whenever a size changes.
 struct ConvGeom {
   int N, H, W, C;   // input
   int K, R, S;      // output channels, filter size
   int P, Q;         // output size
   int stride_h, stride_w, pad_h, pad_w;
   int groups, Cg, Kg;
+  // Folded reduction (forward and wgrad of few-channel inputs, conv1's
+  // C = 3; groups == 1): the S*C taps (s, c) of one filter row are one
+  // contiguous run of x, so t = r * fold + u with u = s*C + c, the run
+  // padded to fold = S*C rounded up to 4 elements. x is then stored with its
+  // width already zero-padded (pad_w == 0, W the padded width). 0: off.
+  int fold = 0;
+  Divisors div;
 };
+
+// Elements per copy of a folded operand, and the run length it pads to.
+constexpr int kFoldVec = 4;
+
+inline ConvGeom with_divisors(ConvGeom g) {
+  g.div.S = make_fast_div(g.S);
+  g.div.Cg = make_fast_div(g.Cg);
+  g.div.Kg = make_fast_div(g.Kg);
+  g.div.PQ = make_fast_div(g.P * g.Q);
+  g.div.Q = make_fast_div(g.Q);
+  g.div.HW = make_fast_div(g.H * g.W);
+  g.div.W = make_fast_div(g.W);
+  g.div.stride_h = make_fast_div(g.stride_h);
+  g.div.stride_w = make_fast_div(g.stride_w);
+  g.div.fold = make_fast_div(g.fold > 0 ? g.fold : 1);
+  return g;
+}
 
 AX_HD int conv_out_size(int in, int kernel, int stride, int pad) {
   return (in + 2 * pad - kernel) / stride + 1;
@@ -47,8 +106,15 @@ struct GemmDims {
   int64_t M, N, Kred;
 };
 
+// Folded forward: i = output pixel, j = out channel, t = (r, u);
+// folded wgrad: i = (r, u), j = out channel, t = output pixel (the long
+// (r, u) side on M, the few output channels on N).
 AX_HD GemmDims gemm_dims(const ConvGeom& g, Pass pass) {
   const int64_t RS = int64_t(g.R) * g.S;
+  if (g.fold > 0 && pass != Pass::Dgrad) {
+    const int64_t NPQ = int64_t(g.N) * g.P * g.Q, RF = int64_t(g.R) * g.fold;
+    return pass == Pass::Forward ? GemmDims{NPQ, g.Kg, RF} : GemmDims{RF, g.Kg, NPQ};
+  }
   switch (pass) {
     case Pass::Forward: return {int64_t(g.N) * g.P * g.Q, g.Kg, RS * g.Cg};
     case Pass::Dgrad: return {int64_t(g.N) * g.H * g.W, g.Cg, RS * g.Kg};
@@ -62,18 +128,18 @@ AX_HD GemmDims gemm_dims(const ConvGeom& g, Pass pass) {
 struct Pixel {
   int n, a, b;
 };
-AX_HD Pixel split_pixel(int64_t m, int A, int B) {
-  const int mi = int(m), ab = mi % (A * B);
-  return {mi / (A * B), ab / B, ab % B};
+AX_HD Pixel split_pixel(int64_t m, const FastDiv& AB, const FastDiv& B) {
+  const int mi = int(m), n = mi / AB, ab = mi - n * int(AB.d), a = ab / B;
+  return {n, a, ab - a * int(B.d)};
 }
 
 // (r, s, ch) from a reduction/filter index t = (r*S + s)*Cch + ch.
 struct Tap {
   int r, s, ch;
 };
-AX_HD Tap split_tap(int64_t t, int S, int Cch) {
-  const int ti = int(t), rs = ti / Cch;
-  return {rs / S, rs % S, ti % Cch};
+AX_HD Tap split_tap(int64_t t, const FastDiv& S, const FastDiv& Cch) {
+  const int ti = int(t), rs = ti / Cch, r = rs / S;
+  return {r, rs - r * int(S.d), ti - rs * int(Cch.d)};
 }
 
 // A gathers are split in two: the part that depends only on the GEMM row
@@ -86,7 +152,7 @@ struct PixelRow {
 // im2col (forward A, wgrad B): output pixel m = (n,p,q) has base input
 // coordinates (p*stride - pad, q*stride - pad); tap (r,s,c) adds (r, s).
 AX_HD PixelRow im2col_row(const ConvGeom& g, int64_t m) {
-  const Pixel px = split_pixel(m, g.P, g.Q);
+  const Pixel px = split_pixel(m, g.div.PQ, g.div.Q);
   return {px.n, px.a * g.stride_h - g.pad_h, px.b * g.stride_w - g.pad_w};
 }
 // Offset into x, or -1 where the tap falls into the zero padding.
@@ -96,21 +162,37 @@ AX_HD int64_t im2col_at(const ConvGeom& g, int grp, const PixelRow& row, const T
   return ((int64_t(row.n) * g.H + h) * g.W + w) * g.C + int64_t(grp) * g.Cg + tap.ch;
 }
 AX_HD int64_t im2col_offset(const ConvGeom& g, int grp, int64_t m, int64_t t) {
-  return im2col_at(g, grp, im2col_row(g, m), split_tap(t, g.S, g.Cg));
+  return im2col_at(g, grp, im2col_row(g, m), split_tap(t, g.div.S, g.div.Cg));
+}
+
+// Folded x (see ConvGeom::fold): element t = (r, u) of output pixel row
+// `row`'s filter row r, or -1 where it is zero (u past the S*C taps, or h
+// in the vertical padding). The horizontal padding is stored.
+AX_HD int64_t fold_at(const ConvGeom& g, const PixelRow& row, int64_t t) {
+  const int ti = int(t), r = ti / g.div.fold, u = ti - r * g.fold, h = row.a + r;
+  if (u >= g.S * g.C || h < 0 || h >= g.H) return -1;
+  return ((int64_t(row.n) * g.H + h) * g.W + row.b) * g.C + u;
+}
+// Elements of the kFoldVec-run starting at t that hold taps (the rest are
+// zero): a copy's source size.
+AX_HD int fold_run_left(const ConvGeom& g, int64_t t) {
+  const int ti = int(t), u = ti - (ti / g.div.fold) * g.fold;
+  return ax_min(kFoldVec, g.S * g.C - u);
 }
 
 // dgrad A: input pixel m = (n,h,w) receives dy at the output pixel p with
 // p*stride - pad + r = h through tap (r,s,k); base coordinates (h+pad, w+pad).
 AX_HD PixelRow dgrad_row(const ConvGeom& g, int64_t m) {
-  const Pixel px = split_pixel(m, g.H, g.W);
+  const Pixel px = split_pixel(m, g.div.HW, g.div.W);
   return {px.n, px.a + g.pad_h, px.b + g.pad_w};
 }
 // Offset into dy, or -1 where no such p exists (not divisible by the
 // stride, or outside the output).
 AX_HD int64_t dgrad_dy_at(const ConvGeom& g, int grp, const PixelRow& row, const Tap& tap) {
   const int ph = row.a - tap.r, qw = row.b - tap.s;
-  if (ph < 0 || qw < 0 || ph % g.stride_h != 0 || qw % g.stride_w != 0) return -1;
-  const int p = ph / g.stride_h, q = qw / g.stride_w;
+  if (ph < 0 || qw < 0) return -1;
+  const int p = ph / g.div.stride_h, q = qw / g.div.stride_w;
+  if (p * g.stride_h != ph || q * g.stride_w != qw) return -1;
   if (p >= g.P || q >= g.Q) return -1;
   return ((int64_t(row.n) * g.P + p) * g.Q + q) * g.K + int64_t(grp) * g.Kg + tap.ch;
 }
@@ -120,7 +202,7 @@ AX_HD PixelRow a_row(const ConvGeom& g, Pass pass, int64_t i) {
   return pass == Pass::Forward ? im2col_row(g, i) : dgrad_row(g, i);
 }
 AX_HD Tap a_tap(const ConvGeom& g, Pass pass, int64_t t) {
-  return split_tap(t, g.S, pass == Pass::Forward ? g.Cg : g.Kg);
+  return split_tap(t, g.div.S, pass == Pass::Forward ? g.div.Cg : g.div.Kg);
 }
 AX_HD int64_t a_offset_at(const ConvGeom& g, Pass pass, int grp, const PixelRow& row, const Tap& tap) {
   return pass == Pass::Forward ? im2col_at(g, grp, row, tap) : dgrad_dy_at(g, grp, row, tap);
@@ -130,6 +212,8 @@ AX_HD int64_t a_offset_at(const ConvGeom& g, Pass pass, int grp, const PixelRow&
 // of one pass, and of the result element (i, j). -1 means zero.
 // B is the weight (forward: w, dgrad: wt), dy, or x, as the table above says.
 AX_HD int64_t a_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t t) {
+  if (g.fold > 0 && pass == Pass::Forward) return fold_at(g, im2col_row(g, i), t);
+  if (g.fold > 0 && pass == Pass::Wgrad) return fold_at(g, im2col_row(g, t), i);  // x, folded
   switch (pass) {
     case Pass::Forward:
     case Pass::Dgrad: return a_offset_at(g, pass, grp, a_row(g, pass, i), a_tap(g, pass, t));
@@ -139,6 +223,8 @@ AX_HD int64_t a_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t
 
 AX_HD int64_t b_offset(const ConvGeom& g, Pass pass, int grp, int64_t t, int64_t j) {
   const int64_t RS = int64_t(g.R) * g.S;
+  if (g.fold > 0 && pass == Pass::Forward) return j * g.R * g.fold + t;  // wf[j][t], (K, R*fold)
+  if (g.fold > 0 && pass == Pass::Wgrad) return t * g.K + j;             // dy[t][j]
   switch (pass) {
     case Pass::Forward: return (int64_t(grp) * g.Kg + j) * RS * g.Cg + t;  // w[grp*Kg + j][t]
     case Pass::Dgrad: return (int64_t(grp) * g.Cg + j) * RS * g.Kg + t;    // wt[grp][j][t]
@@ -147,6 +233,7 @@ AX_HD int64_t b_offset(const ConvGeom& g, Pass pass, int grp, int64_t t, int64_t
 }
 
 AX_HD int64_t d_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t j) {
+  if (g.fold > 0 && pass == Pass::Wgrad) return j * g.R * g.fold + i;  // dwf[j][i], (K, R*fold)
   switch (pass) {
     case Pass::Forward: return i * g.K + int64_t(grp) * g.Kg + j;  // y[i][grp*Kg + j]
     case Pass::Dgrad: return i * g.C + int64_t(grp) * g.Cg + j;    // dx[i][grp*Cg + j]
@@ -157,6 +244,7 @@ AX_HD int64_t d_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t
 // Which operand dimension is contiguous in memory: the reduction index t
 // (forward and dgrad, both operands) or the row/column index (wgrad: dy is
 // contiguous along k, x along c). A 16-byte vector runs along it.
+// (Folded wgrad too: x along (r, u), dy along k.)
 AX_HD bool a_contiguous_along_reduction(Pass pass) { return pass != Pass::Wgrad; }
 AX_HD bool b_contiguous_along_reduction(Pass pass) { return pass != Pass::Wgrad; }
 
