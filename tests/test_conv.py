@@ -174,8 +174,9 @@ def test_implicit_gemm_index_math_matches_torch(case, vec, fold):
 # (variant index of conv_cuda.h's kMmaVariants, case): every tensor-core
 # tile, including those the plan picks only for AlexNet-sized grids (too
 # large for the emulator, whose run of these CPU tests takes the CUDA path).
-FORCED_VARIANTS = [(v, case) for v in range(10) for case in (
-    [(2, 3, 19, 23, 10, 11, 11, 4, 2, 1)] if v >= 6 else [(2, 24, 9, 11, 72, 3, 3, 1, 1, 2), (3, 16, 7, 6, 40, 3, 2, 2, 1, 1)])]
+FOLDED_VARIANTS = range(6, 10)
+FORCED_VARIANTS = [(v, case) for v in range(11) for case in (
+    [(2, 3, 19, 23, 10, 11, 11, 4, 2, 1)] if v in FOLDED_VARIANTS else [(2, 24, 9, 11, 72, 3, 3, 1, 1, 2), (3, 16, 7, 6, 40, 3, 2, 2, 1, 1)])]
 
 
 @pytest.mark.parametrize("device", DEVICES)

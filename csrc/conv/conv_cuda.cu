@@ -511,6 +511,7 @@ LaunchStatus launch_mma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t 
     case 7: return launch_gemm<T, kKindFoldForward, true, 128, 64>(plan, p, s);
     case 8: return launch_gemm<T, kKindFoldWgrad, true, 32, 48>(plan, p, s);
     case 9: return launch_gemm<T, kKindFoldWgrad, true, 32, 64>(plan, p, s);
+    case 10: return launch_gemm<T, kKindKMajor, true, 64, 48>(plan, p, s);
   }
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }

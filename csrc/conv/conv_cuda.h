@@ -58,7 +58,7 @@ constexpr TileVariant kMmaVariants[] = {
     {kKindKMajor, 128, 64, 2},      {kKindKMajor, 128, 48, 3},      {kKindKMajor, 64, 64, 3},
     {kKindKMajor, 64, 32, 5},       {kKindWgrad, 128, 64, 2},       {kKindWgrad, 64, 64, 4},
     {kKindFoldForward, 128, 48, 2}, {kKindFoldForward, 128, 64, 2}, {kKindFoldWgrad, 32, 48, 5},
-    {kKindFoldWgrad, 32, 64, 5}};
+    {kKindFoldWgrad, 32, 64, 5},    {kKindKMajor, 64, 48, 3}};
 constexpr int kNumMmaVariants = int(sizeof(kMmaVariants) / sizeof(kMmaVariants[0]));
 // FFMA variants (float32 without TF32, float64): 64 x 64 tiles, no fold.
 constexpr int kFfmaKMajor = 100, kFfmaWgrad = 101;
