@@ -242,7 +242,7 @@ int wgrad_splits(const ConvGeom& g, DType dtype, bool allow_tf32) {
   p.pass = Pass::Wgrad;
   p.allow_tf32 = allow_tf32;
   const GemmPlan pl = plan_gemm(dtype, p);
-  const int64_t resident = pl.mma && pl.variant >= 0 ? kMmaVariants[pl.variant].resident : 2;
+  const int64_t resident = pl.mma && pl.variant >= 0 ? resident_blocks(kMmaVariants[pl.variant], dtype) : 2;
   const int64_t target = kFillWaves * kSms * resident;
   const int64_t blocks = std::max<int64_t>(1, pl.grid_x * pl.grid_y * pl.grid_z);
   const int64_t pixels = int64_t(g.N) * g.P * g.Q;

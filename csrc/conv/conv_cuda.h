@@ -47,18 +47,19 @@ constexpr int kGemmThreads = 128;
 constexpr int kKindKMajor = 0, kKindWgrad = 1, kKindFoldForward = 2, kKindFoldWgrad = 3;
 struct TileVariant {
   int kind, bm, bn;
-  // Blocks per SM its registers and shared memory allow on sm_90 (as
-  // tools/conv_model.py reads them from the cubin): only steers the choice
-  // of tile and split-K count towards two full waves.
-  int resident;
+  // Blocks per SM its registers and shared memory allow on sm_90, for the
+  // 16-bit and the TF32 build (as tools/conv_model.py reads them from the
+  // cubin): only steers the choice of tile and split-K count towards two
+  // full waves. Update them when the kernels' register use changes.
+  int resident, resident_tf32;
 };
 // Tensor-core variants, indexed by GemmPlan::variant (conv_cuda.cu's
 // launch_mma instantiates exactly these): 2 x 2 warps of (BM/2) x (BN/2).
 constexpr TileVariant kMmaVariants[] = {
-    {kKindKMajor, 128, 64, 2},      {kKindKMajor, 128, 48, 3},      {kKindKMajor, 64, 64, 3},
-    {kKindKMajor, 64, 32, 5},       {kKindWgrad, 128, 64, 2},       {kKindWgrad, 64, 64, 4},
-    {kKindFoldForward, 128, 48, 2}, {kKindFoldForward, 128, 64, 2}, {kKindFoldWgrad, 32, 48, 5},
-    {kKindFoldWgrad, 32, 64, 5},    {kKindKMajor, 64, 48, 3}};
+    {kKindKMajor, 128, 64, 2, 3},      {kKindKMajor, 128, 48, 3, 3},      {kKindKMajor, 64, 64, 3, 3},
+    {kKindKMajor, 64, 32, 5, 4},       {kKindWgrad, 128, 64, 2, 2},       {kKindWgrad, 64, 64, 4, 4},
+    {kKindFoldForward, 128, 48, 2, 3}, {kKindFoldForward, 128, 64, 2, 3}, {kKindFoldWgrad, 32, 48, 5, 5},
+    {kKindFoldWgrad, 32, 64, 5, 5},    {kKindKMajor, 64, 48, 3, 4}};
 constexpr int kNumMmaVariants = int(sizeof(kMmaVariants) / sizeof(kMmaVariants[0]));
 // FFMA variants (float32 without TF32, float64): 64 x 64 tiles, no fold.
 constexpr int kFfmaKMajor = 100, kFfmaWgrad = 101;
@@ -75,6 +76,11 @@ inline int element_bytes(DType dtype) {
 // Tensor cores (mma.sync) for float16/bfloat16 and TF32; FFMA otherwise.
 inline bool uses_mma(DType dtype, bool allow_tf32) {
   return dtype == DType::Float16 || dtype == DType::BFloat16 || (dtype == DType::Float32 && allow_tf32);
+}
+
+// Blocks of variant `v` resident per SM for this element type.
+inline int resident_blocks(const TileVariant& v, DType dtype) {
+  return element_bytes(dtype) == 4 ? v.resident_tf32 : v.resident;
 }
 
 struct GemmPlan {
@@ -120,7 +126,7 @@ inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
         continue;
       }
       const TileVariant& b = kMmaVariants[pl.variant];
-      const auto waves = [&](const TileVariant& t) { return double(blocks(t)) / double(kSms * t.resident); };
+      const auto waves = [&](const TileVariant& t) { return double(blocks(t)) / double(kSms * resident_blocks(t, dtype)); };
       const bool v_fills = waves(v) >= kFillWaves, b_fills = waves(b) >= kFillWaves;
       const bool better = v_fills != b_fills ? v_fills
                           : v_fills          ? v.bm * v.bn > b.bm * b.bn
