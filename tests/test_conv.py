@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import alexnet_ext
 from alexnet_ext.functional import conv2d_relu
-from op_testing import DEVICES, DTYPES, HAS_CUDA, check_compiled_matches_eager, random_input, requires_cuda
+from op_testing import DEVICES, DTYPES, HAS_CUDA, check_compiled_matches_eager, random_input, requires_cuda, with_layout
 
 _ops = torch.ops.alexnet_ext
 
@@ -405,3 +405,56 @@ def test_cuda_float32_exact_path_when_tf32_is_off(dtype, layer):
         check_case(ALEXNET[layer], dtype, "cuda", "channels_last")
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------
+# Backward preparation (one pass: ReLU mask, padded NHWC dym, bias-gradient
+# partial sums): dy and y read where they lie, in every layout combination.
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dy_layout,y_layout", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                                ("contiguous", "channels_last"), ("channels_last", "permuted"),
+                                                ("permuted", "contiguous")])
+@pytest.mark.parametrize("want_bias", [True, False])
+@pytest.mark.parametrize("case", [(2, 6, 7, 9, 10, 3, 3, 1, 1, 2), (1, 5, 9, 7, 7, 3, 3, 2, 0, 1),
+                                  (2, 16, 5, 5, 16, 1, 1, 1, 0, 1)], ids=lambda c: "x".join(map(str, c[:5])))
+def test_backward_relu_mask_from_saved_output_in_any_layout(device, dtype, dy_layout, y_layout, want_bias, case):
+    """The backward op against threshold_backward + torch.nn.grad in float64
+    for a given saved output y (negative, zero, positive and NaN values: the
+    gradient passes where y is NaN) and dy (NaN where y <= 0, which the mask
+    must block, not multiply by 0): groups, channel counts that need padding
+    (10/2 = 5, 7), 1x1 kernels, NCHW, NHWC, mixed and non-contiguous dy/y."""
+    n, c, h, w_, k, r, s, stride, padding, groups = case
+    x, w, _, kw = make_case(case, dtype, device, "contiguous", bias=False, requires_grad=False)
+    p = (h + 2 * padding - r) // stride + 1
+    q = (w_ + 2 * padding - s) // stride + 1
+    y = torch.randn(n, k, p, q, dtype=torch.float64)
+    y[y.abs() < 0.3] = 0.0
+    y.view(-1)[::11] = float("nan")
+    gy = torch.randn(n, k, p, q, dtype=torch.float64)
+    blocked = (y <= 0) & (torch.rand(y.shape) < 0.3)
+    assert blocked.any()
+    gy[blocked] = float("nan")
+    y, gy = y.to(dtype), gy.to(dtype)
+    dx, dw, db = _ops.conv2d_relu_backward(with_layout(gy.to(device), dy_layout), x, w, with_layout(y.to(device), y_layout),
+                                           [stride] * 2, [padding] * 2, groups, [True, True, want_bias])
+    dym = torch.ops.aten.threshold_backward(gy.double(), y.double(), 0.0)
+    assert not dym.isnan().any() and (dym[y.isnan()] != 0).all()
+    x64, w64 = x.detach().double().cpu(), w.detach().double().cpu()
+    tol = rel_tol(dtype, device)
+    assert_close_rel(dx, torch.nn.grad.conv2d_input(x64.shape, w64, dym, stride, padding, groups=groups), tol, "dx")
+    assert_close_rel(dw, torch.nn.grad.conv2d_weight(x64, w64.shape, dym, stride, padding, groups=groups), tol, "dw")
+    if want_bias:
+        assert_close_rel(db, dym.sum((0, 2, 3)), tol, "db")
+    else:
+        assert db.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bias_gradient_over_many_row_tiles(device, layout):
+    """Enough output pixels (33,856) that each of the bias gradient's 128 row
+    ranges spans several 32-row tiles on the CUDA path, with K = 12 padded
+    to 16 per group in bfloat16 (two groups)."""
+    check_case((1, 8, 184, 184, 12, 1, 1, 1, 0, 2), torch.bfloat16, device, layout)

@@ -342,6 +342,32 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
 }
 
+// grad_output or output as relu_grad_prep_cuda reads it: NCHW or NHWC
+// strides as they are (the kernel reads either layout coalesced), any other
+// strides copied to NCHW first. Strides are the canonical ones of the
+// layout, which also index size-1 dimensions correctly.
+at::Tensor plane_operand(const at::Tensor& t, PlaneStrides& st) {
+  const int64_t K = t.size(1), pixels = t.size(2) * t.size(3);
+  if (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    st = {pixels * K, 1, K};
+    return t;
+  }
+  st = {K * pixels, pixels, 1};
+  return t.contiguous();
+}
+
+// Row ranges of the preparation pass: kSms * 8 blocks of 256 threads (more
+// than the 5 per SM its 46-48 registers allow: every SM stays busy to the
+// end), at least one tile per range; at most 128 ranges when the bias
+// gradient's partial sums are kept, the number reduce_splits adds per column.
+int prep_splits(int64_t rows, int64_t cols, bool column_sums) {
+  const int64_t tiles = (rows + kPrepTile - 1) / kPrepTile;
+  const int64_t col_tiles = (cols + kPrepTile - 1) / kPrepTile;
+  int64_t splits = (kSms * 8 + col_tiles - 1) / col_tiles;
+  if (column_sums) splits = std::min<int64_t>(splits, 128);
+  return int(std::clamp<int64_t>(splits, 1, std::min<int64_t>(tiles, 65535)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                                                              const at::Tensor& weight, const at::Tensor& output,
                                                              const ConvGeom& orig, std::array<bool, 3> mask,
@@ -352,26 +378,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
-  // dy masked by ReLU's gradient, NPQK with padded channels (padding is 0).
-  const at::Tensor dy = to_nhwc(grad_output, 1, orig.K).contiguous();
-  const at::Tensor y = to_nhwc(output, 1, orig.K).contiguous();
-  at::Tensor dym = at::empty_like(dy);
-  check_launch(relu_grad_cuda(dt, dy.const_data_ptr(), y.const_data_ptr(), dym.mutable_data_ptr(), dy.numel(), stream),
-               kOpBackward, "relu_grad_cuda", stream);
-  dym = aligned(pad_groups_last(dym, g.groups, g.Kg));
+  // One pass over dy and y where they lie (NCHW or NHWC): dym =
+  // relu_grad(dy, y) as NPQK with padded channels (zeros) and, for the bias
+  // gradient, its column sums per row range, reduced in order by
+  // reduce_splits (deterministic, no atomics).
   const auto acc = at::toOpMathType(input.scalar_type());
+  ReluGradPrep prep;
+  const at::Tensor dy = plane_operand(grad_output, prep.dy_strides);
+  const at::Tensor y = plane_operand(output, prep.y_strides);
+  const at::Tensor dym = at::empty({g.N, g.P, g.Q, g.K}, input.options());
+  prep.dy = dy.const_data_ptr();
+  prep.y = y.const_data_ptr();
+  prep.dym = dym.mutable_data_ptr();
+  prep.rows = int64_t(g.N) * g.P * g.Q;
+  prep.pixels = make_fast_div(g.P * g.Q);
+  prep.groups = g.groups;
+  prep.kg = orig.Kg;
+  prep.kg_pad = g.Kg;
+  prep.splits = prep_splits(prep.rows, g.K, mask[2]);
+  at::Tensor partial;
   if (mask[2]) {
-    // Column sums of dym over all pixels: partial sums per row range, then
-    // the same ordered reduction as wgrad (deterministic, no atomics).
-    const int64_t rows = int64_t(g.N) * g.P * g.Q;
-    const int splits = int(std::min<int64_t>(128, std::max<int64_t>(1, rows / 1024)));
-    at::Tensor partial = at::empty({splits, g.K}, input.options().dtype(acc));
-    at::Tensor sums = at::empty({g.K}, input.options());
-    check_launch(column_sum_cuda(dt, dym.const_data_ptr(), partial.mutable_data_ptr(), rows, g.K, splits, stream),
-                 kOpBackward, "column_sum_cuda (bias gradient)", stream);
-    check_launch(reduce_splits_cuda(dt, partial.const_data_ptr(), sums.mutable_data_ptr(), g.K, splits, stream),
+    partial = at::empty({prep.splits, g.K}, input.options().dtype(acc));
+    prep.partial = partial.mutable_data_ptr();
+  }
+  check_launch(relu_grad_prep_cuda(dt, prep, stream), kOpBackward, "relu_grad_prep_cuda", stream);
+  if (mask[2]) {
+    // Straight into db when no channel is padding.
+    at::Tensor sums = g.K == orig.K ? db : at::empty({g.K}, input.options());
+    check_launch(reduce_splits_cuda(dt, partial.const_data_ptr(), sums.mutable_data_ptr(), g.K, prep.splits, stream),
                  kOpBackward, "reduce_splits_cuda (bias gradient)", stream);
-    db.copy_(sums.reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K}));
+    if (g.K != orig.K) db.copy_(sums.reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K}));
   }
   GemmLaunch p;
   p.g = g;
