@@ -19,6 +19,7 @@
 #include "common/op_utils.h"
 #include "conv/conv_cpu.h"
 #include "conv/conv_cuda.h"
+#include "conv/weight_cache.h"
 
 namespace alexnet_ext {
 namespace conv {
@@ -227,6 +228,65 @@ at::Tensor unpad_krsc(const at::Tensor& t, const Operands& o) {
   return v.reshape({o.orig.K, g.R, g.S, o.orig.Cg}).permute({0, 3, 1, 2});
 }
 
+// The packed weight of `kind` for these operands, through the cache of
+// weight_cache.h: rebuilt only when the weight changed. dgrad's wt is built
+// from the (cached) KRSC packing, which the forward usually left there.
+at::Tensor packed_weight(const at::Tensor& weight, const Operands& o, PackKind kind) {
+  const ConvGeom& g = o.g;
+  if (kind == PackKind::Folded) {
+    const ConvGeom f = folded_geometry(o);
+    return cached_pack(weight, {kind, {f.fold, f.Kg, 0}}, [&] { return weight_folded(weight, f, o.orig); });
+  }
+  const PackKey key{kind, {g.groups, g.Cg, g.Kg}};
+  if (kind == PackKind::Krsc) return cached_pack(weight, key, [&] { return weight_krsc(weight, o); });
+  return cached_pack(weight, key, [&] { return weight_for_dgrad(packed_weight(weight, o, PackKind::Krsc), g); });
+}
+
+// Drops the weight's cached packings when it goes out of scope, if its
+// gradient was computed: the optimizer step that usually follows may change
+// the weight without bumping its version counter (fused optimizers, `.data`).
+struct DropPackedOnExit {
+  const at::Tensor& weight;
+  bool drop;
+  ~DropPackedOnExit() {
+    if (drop) drop_packed(weight);
+  }
+};
+
+// Test hook (_conv2d_relu_packed_weight): the packing the CUDA path uses
+// (kind 0: forward KRSC, 1: forward folded, 2: dgrad's wt) of a weight for
+// `groups` and channel vectors of `vec` elements, through the cache, on any
+// device (so the CPU tests exercise the cache).
+at::Tensor packed_weight_hook(const at::Tensor& weight, int64_t groups, int64_t vec, int64_t kind) {
+  check_float_tensor(weight, "weight");
+  TORCH_CHECK(weight.dim() == 4 && weight.numel() > 0, kOp, " packed weight: `weight` must be a non-empty 4-D tensor, got ",
+              weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, kOp, " packed weight: `groups` = ", groups,
+              " must divide the ", weight.size(0), " output channels");
+  TORCH_CHECK(vec >= 1, kOp, " packed weight: `vec` must be >= 1, got ", vec);
+  TORCH_CHECK(kind >= 0 && kind <= 2, kOp, " packed weight: `kind` must be 0 (KRSC), 1 (folded) or 2 (dgrad), got ", kind);
+  TORCH_CHECK(kind != 1 || groups == 1, kOp, " packed weight: the folded packing needs `groups` = 1");
+  ConvGeom orig{};
+  orig.N = 1;
+  orig.K = int(weight.size(0));
+  orig.Cg = int(weight.size(1));
+  orig.C = orig.Cg * int(groups);
+  orig.R = orig.H = int(weight.size(2));
+  orig.S = orig.W = int(weight.size(3));
+  orig.P = orig.Q = 1;
+  orig.stride_h = orig.stride_w = 1;
+  orig.groups = int(groups);
+  orig.Kg = orig.K / int(groups);
+  // A new tensor object: autograd's fallback for this op attaches history
+  // to what it returns, and the cache's own tensor must stay without it.
+  return packed_weight(weight, padded_geometry(with_divisors(orig), vec), static_cast<PackKind>(kind)).detach();
+}
+
+std::vector<int64_t> weight_cache_hook(int64_t enable, bool clear) {
+  const WeightCacheStats s = weight_cache_control(enable, clear);
+  return {s.begin(), s.end()};
+}
+
 // Test hook (_conv2d_relu_force_variant): the tensor-core tile variant every
 // CUDA launch of a matching kind uses, -1 for the plan's choice. Lets the
 // tests run tiles the plan picks only for shapes too large for the emulator.
@@ -322,7 +382,7 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool tf32 = conv_uses_tf32(input.scalar_type());
   const ConvGeom g = cuda_geometry(o, Pass::Forward, dt, tf32);
   const at::Tensor x = aligned(g.fold ? x_folded(input, g, orig) : to_nhwc(input, g.groups, g.Cg));
-  const at::Tensor w = aligned(g.fold ? weight_folded(weight, g, orig) : weight_krsc(weight, o));
+  const at::Tensor w = aligned(packed_weight(weight, o, g.fold ? PackKind::Folded : PackKind::Krsc));
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
   // Write straight into y when it already is the NHWC buffer the kernel fills.
@@ -414,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   p.allow_tf32 = conv_uses_tf32(input.scalar_type());
   p.force_variant = g_force_variant.load();
   if (mask[0]) {
-    const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
+    const at::Tensor wt = aligned(packed_weight(weight, o, PackKind::Dgrad));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = direct ? dx : at::empty({g.N, g.H, g.W, g.C}, input.options());
     p.pass = Pass::Dgrad;
@@ -473,6 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
     at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, std::array<bool, 3> output_mask) {
   const ConvGeom g = check_and_geometry(input, weight, std::nullopt, stride, padding, groups);
+  const DropPackedOnExit drop_packed_weight{weight, output_mask[1]};
   check_float_tensor(grad_output, "grad_output");
   check_float_tensor(output, "output");
   check_same_device_dtype(grad_output, "grad_output", input, "input");
@@ -592,6 +653,14 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
         "bool allow_tf32) -> int[]");
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
         "int[2] padding, int groups, int vec, int splits, bool fold=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Packed-weight cache (weight_cache.h): enable 1/0 (-1: unchanged), clear;
+  // returns [enabled, hits, misses, skips, entries, bytes].
+  m.def("_conv2d_relu_weight_cache(int enable=-1, bool clear=False) -> int[]", &alexnet_ext::conv::weight_cache_hook);
+  m.def("_conv2d_relu_packed_weight(Tensor weight, int groups, int vec, int kind) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(alexnet_ext, CompositeExplicitAutograd, m) {
+  m.impl("_conv2d_relu_packed_weight", &alexnet_ext::conv::packed_weight_hook);
 }
 
 TORCH_LIBRARY_IMPL(alexnet_ext, CPU, m) {
