@@ -536,24 +536,39 @@ LaunchStatus launch_ffma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t
 // order): deterministic, no atomics.
 constexpr int kPrepRowsPerThread = kPrepTile / 8;
 
+// The caller's channel of padded channel `col`, -1 for a group's padding
+// channels and past the last group.
+__device__ __forceinline__ int source_channel(int col, const ReluGradPrep& p) {
+  const int group = col / p.kg_pad, k = col - group * p.kg_pad;
+  return group < p.groups && k < p.kg ? group * p.kg + k : -1;
+}
+
+// The source channels of a thread's tile columns, fixed for the whole
+// block (no division in the row loop): its lane's column for NHWC loads,
+// its kPrepRowsPerThread row-lane columns for NCHW loads.
+struct PrepColumns {
+  int lane;
+  int rows[kPrepRowsPerThread];
+};
+
 // dy or y's tile [row][padded channel] -> shared memory; zeros in padded
 // channels and past the last row/channel (the compute phase reads them all).
 template <typename T>
 __device__ __forceinline__ void load_prep_tile(T (*tile)[kPrepTile + 1], const T* __restrict__ src,
-                                               const PlaneStrides& st, const ReluGradPrep& p, int64_t row0, int col0) {
+                                               const PlaneStrides& st, const ReluGradPrep& p,
+                                               const PrepColumns& cols, int64_t row0) {
   const bool pixels_inner = st.k != 1;
 #pragma unroll
   for (int i = 0; i < kPrepRowsPerThread; ++i) {
     // NHWC: lane -> channel, NCHW: lane -> row (pixel).
     const int r = pixels_inner ? int(threadIdx.x) : int(threadIdx.y) + 8 * i;
     const int c = pixels_inner ? int(threadIdx.y) + 8 * i : int(threadIdx.x);
+    const int channel = pixels_inner ? cols.rows[i] : cols.lane;
     const int64_t row = row0 + r;
-    const int col = col0 + c;
-    const int group = col / p.kg_pad, k_in_group = col - group * p.kg_pad;
     T v = from_acc<T>(acc_t<T>(0));
-    if (row < p.rows && group < p.groups && k_in_group < p.kg) {
+    if (row < p.rows && channel >= 0) {
       const int n = int(row) / p.pixels, pix = int(row) - n * int(p.pixels.d);
-      v = src[n * st.n + int64_t(group * p.kg + k_in_group) * st.k + pix * st.pix];
+      v = src[n * st.n + channel * st.k + pix * st.pix];
     }
     tile[r][c] = v;
   }
@@ -570,11 +585,15 @@ __global__ void __launch_bounds__(256) relu_grad_prep_kernel(const ReluGradPrep 
   const int cols = p.groups * p.kg_pad;
   const int col0 = blockIdx.x * kPrepTile, col = col0 + threadIdx.x;
   const Range range = split_range(p.rows, kPrepTile, blockIdx.y, p.splits);
+  PrepColumns source;
+  source.lane = source_channel(col, p);
+#pragma unroll
+  for (int i = 0; i < kPrepRowsPerThread; ++i) source.rows[i] = source_channel(col0 + threadIdx.y + 8 * i, p);
   acc_t<T> sum = 0;
   for (int64_t row0 = range.begin; row0 < range.end; row0 += kPrepTile) {
     __syncthreads();  // the previous tile's reads are done
-    load_prep_tile(dy_tile, dy, p.dy_strides, p, row0, col0);
-    load_prep_tile(y_tile, y, p.y_strides, p, row0, col0);
+    load_prep_tile(dy_tile, dy, p.dy_strides, p, source, row0);
+    load_prep_tile(y_tile, y, p.y_strides, p, source, row0);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPrepRowsPerThread; ++i) {
