@@ -40,6 +40,7 @@ not a pass outside them. channels_last models pay none of these.
 """
 import argparse
 import os
+import pathlib
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -159,11 +160,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args(argv)
-    text = table()
-    print(text)
+    print(table())
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+        pathlib.Path(args.markdown).write_text(table() + "\n")
     return 0
 
 
