@@ -5,7 +5,9 @@
 // the rounding to the output dtype) in one pass; backward masks dy with
 // relu_grad(dy, y) and calls ATen's convolution_backward.
 // CUDA: the implicit GEMMs of conv_math.h on NHWC operands; NCHW tensors are
-// converted to channels_last here and the results copied back.
+// converted to channels_last here and the results copied back (except dy and
+// y, which the backward's preparation pass reads where they lie); packed
+// weights are cached (weight_cache.h).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
