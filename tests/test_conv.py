@@ -596,23 +596,26 @@ def test_weight_cache_under_no_grad_and_inference_mode(weight_cache):
 
 
 def test_weight_cache_keys_dtype_shape_and_strides_of_one_storage(weight_cache):
-    """Views of one storage with other dtypes, shapes or strides, and the same
-    parameter re-pointed (`.data =`) to another dtype, shape or layout, never
-    get each other's packing."""
-    base = torch.randn(8 * 4 * 3 * 3)
-    w = base.view(8, 4, 3, 3)
-    assert_packs(w, "krsc")
-    assert_packs(base.view(4, 8, 3, 3), "krsc")
-    assert_packs(base.view(torch.bfloat16).view(8, 4, 3, 6), "krsc")
-    assert_packs(base.view(8, 4, 3, 3).transpose(2, 3), "krsc")
-    assert_packs(base.view(16, 2, 3, 3), "krsc", groups=2)
+    """The same parameter re-pointed (`.data =`) to another dtype, shape or
+    layout never gets its old packing; views of one storage (other dtypes,
+    shapes, strides) are not cached at all: another tensor on the storage
+    could write it unseen by the weight's version counter."""
     p = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
     assert_packs(p, "krsc")
-    for new in (p.data.double(), torch.randn(8, 2, 3, 3), p.data.contiguous(memory_format=torch.channels_last).add(1)):
-        p.data = new
+    # (no other reference to the new tensors: a live alias would turn caching off)
+    for make in (lambda: p.data.double(), lambda: torch.randn(8, 2, 3, 3),
+                 lambda: p.data.contiguous(memory_format=torch.channels_last).add(1)):
+        p.data = make()
         assert_packs(p, "krsc")
-    assert assert_packs(w, "krsc", vec=4).shape == (8, 3, 3, 4)  # another padding of the same weight
-    assert weight_cache()["hits"] == 0
+    assert assert_packs(p, "krsc", vec=4).shape == (8, 3, 3, 4)  # another padding of the same weight
+    assert weight_cache()["hits"] == 0 and weight_cache()["misses"] == 5
+    base = torch.randn(8 * 4 * 3 * 3)
+    skips = weight_cache()["skips"]
+    for view in (base.view(8, 4, 3, 3), base.view(4, 8, 3, 3), base.view(torch.bfloat16).view(8, 4, 3, 6),
+                 base.view(8, 4, 3, 3).transpose(2, 3)):
+        assert_packs(view, "krsc")
+        assert_packs(view, "krsc")
+    assert weight_cache()["skips"] == skips + 8 and weight_cache()["hits"] == 0
 
 
 def test_weight_cache_does_not_keep_dead_weights(weight_cache):
@@ -636,11 +639,14 @@ def test_weight_cache_switch(weight_cache):
 
 
 def test_weight_cache_env_switch():
+    """Opt-in: writes through `.data` between two forwards are not seen."""
     import subprocess
     import sys
     code = "import torch, alexnet_ext; print(torch.ops.alexnet_ext._conv2d_relu_weight_cache()[0])"
-    for value, want in (("0", "0"), ("off", "0"), ("1", "1")):
-        env = dict(__import__("os").environ, ALEXNET_EXT_CONV_WEIGHT_CACHE=value)
+    import os
+    base = {k: v for k, v in os.environ.items() if k != "ALEXNET_EXT_CONV_WEIGHT_CACHE"}
+    for value, want in ((None, "0"), ("0", "0"), ("off", "0"), ("1", "1")):  # off unless set
+        env = base if value is None else dict(base, ALEXNET_EXT_CONV_WEIGHT_CACHE=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want
 
@@ -670,6 +676,13 @@ def test_weight_cache_is_thread_safe(weight_cache):
         t.join()
     assert not failures
     assert weight_cache()["hits"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64_with_the_weight_cache_on(weight_cache, device):
+    """gradcheck perturbs the weight through a `.data` alias (no version
+    bump): the cache must not serve the unperturbed packing."""
+    test_gradcheck_float64(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,13 +22,15 @@ before (main at 3ccd30d):
             conv1's folded x); wgrad's split-K reduction and dw copy.
 after:
   backward  one pass reads dy and y where they lie (NCHW or NHWC) and
-            writes dym and the bias gradient's partial sums; dgrad's wt is
-            built from the KRSC packing the forward left in the cache (one
-            permute copy); the rest unchanged.
+            writes dym and the bias gradient's partial sums; the rest
+            unchanged. With the opt-in weight cache on, dgrad's wt is built
+            from the KRSC packing the forward left in the cache (one permute
+            copy instead of three).
   forward   unchanged within a training step (the backward that computes a
             weight's gradient drops its cached packings, the optimizer then
-            changes it); in evaluation (weights unchanged between calls) the
-            packing is a cache hit: the "eval" column.
+            changes it); in evaluation (weights unchanged between calls) with
+            the opt-in weight cache on, the packing is a cache hit: the "eval"
+            column.
 conv1 computes no input gradient in training (its input needs none).
 
 What NCHW still costs: the forward's x copy to NHWC and y copy back, the
@@ -73,8 +75,9 @@ def shapes(spec):
         rows=BATCH * p * p, k=k, kp=kp, c=c, cp=cp, fold=fold)
 
 
-def passes(name, spec, layout, after):
-    """[(direction, pass, bytes)] of one layer's training step."""
+def passes(name, spec, layout, after, cache=False):
+    """[(direction, pass, bytes)] of one layer's training step; `cache`: with
+    the opt-in packed-weight cache on."""
     s = shapes(spec)
     nchw = layout == "nchw"
     out = []
@@ -106,7 +109,7 @@ def passes(name, spec, layout, after):
         add("bwd", "column_sum (reads dym again)", s["yp"] + splits * kp * ACC)
         add("bwd", "bias reduce_splits", splits * kp * ACC + s["k"] * ELEM)
     if name != "conv1":  # conv1's input needs no gradient
-        if after and not s["fold"]:
+        if after and cache and not s["fold"]:
             add("bwd", "dgrad wt from the cached KRSC", 2 * s["wp"])
         else:
             add("bwd", "dgrad wt (KRSC 2 copies + permute)", 2 * (s["w"] + s["wp"]) + 2 * s["wp"])
@@ -121,34 +124,29 @@ def passes(name, spec, layout, after):
 
 def table():
     lines = ["# conv passes around the GEMM kernels: bytes moved (static account)", "",
-             f"One AlexNet column, batch {BATCH}, bfloat16, training step (fwd + bwd); MB = 1e6 bytes. "
-             "`tools/conv_passes.py` (formulas in its docstring). 'eval fwd': forward with unchanged weights "
-             "(packed weight cached). Unchanged passes (wgrad's split-K reduction and dw copy) left out.", "",
-             "| layer | layout | fwd before | fwd after | eval fwd after | bwd before | bwd after | bwd saved |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    totals = {}
+             f"One AlexNet column, batch {BATCH}, bfloat16, training step (fwd + bwd); MB = 1e6 bytes; "
+             "`tools/conv_passes.py` (formulas in its docstring). Default: the weight cache off. 'cache on' "
+             "(ALEXNET_EXT_CONV_WEIGHT_CACHE=1): backward builds dgrad's wt from the forward's cached KRSC; "
+             "'eval fwd': a forward with unchanged weights (packing is a hit). Unchanged passes (wgrad's "
+             "split-K reduction and dw copy) left out.", "",
+             "| layer | layout | fwd before | fwd after | bwd before | bwd after | bwd saved | bwd, cache on "
+             "| eval fwd, cache on |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    total = lambda ps, direction, skip="": sum(b for d, n, b in ps if d == direction and not (skip and n.startswith(skip)))
     for layout in ("channels_last", "nchw"):
+        sums = [0] * 7
         for name, spec in LAYERS:
-            row = {}
-            for after in (False, True):
-                ps = passes(name, spec, layout, after)
-                row[("fwd", after)] = sum(b for d, _, b in ps if d == "fwd")
-                row[("bwd", after)] = sum(b for d, _, b in ps if d == "bwd")
-            eval_fwd = row[("fwd", True)] - sum(b for d, n, b in passes(name, spec, layout, True)
-                                                 if d == "fwd" and n.startswith("weight"))
-            vals = [row[("fwd", False)], row[("fwd", True)], eval_fwd, row[("bwd", False)], row[("bwd", True)]]
-            for i, v in enumerate(vals):
-                totals[(layout, i)] = totals.get((layout, i), 0) + v
-            lines.append(f"| {name} | {layout} | " + " | ".join(f"{v / 1e6:.1f}" for v in vals)
-                         + f" | {(vals[3] - vals[4]) / 1e6:.1f} |")
-        t = [totals[(layout, i)] for i in range(5)]
-        lines.append(f"| **all** | {layout} | " + " | ".join(f"**{v / 1e6:.1f}**" for v in t)
-                     + f" | **{(t[3] - t[4]) / 1e6:.1f}** |")
+            before, after = passes(name, spec, layout, False), passes(name, spec, layout, True)
+            cached = passes(name, spec, layout, True, cache=True)
+            vals = [total(before, "fwd"), total(after, "fwd"), total(before, "bwd"), total(after, "bwd"),
+                    total(before, "bwd") - total(after, "bwd"), total(cached, "bwd"), total(cached, "fwd", "weight")]
+            sums = [a + b for a, b in zip(sums, vals)]
+            lines.append(f"| {name} | {layout} | " + " | ".join(f"{v / 1e6:.1f}" for v in vals) + " |")
+        lines.append(f"| **all** | {layout} | " + " | ".join(f"**{v / 1e6:.1f}**" for v in sums) + " |")
     lines += ["", "Per pass, conv3, before -> after (MB):", ""]
     for layout in ("channels_last", "nchw"):
-        before, after = (passes(*LAYERS[2], layout, False), passes(*LAYERS[2], layout, True))
-        lines.append(f"- {layout}: before " + "; ".join(f"{d} {n} {b / 1e6:.2f}" for d, n, b in before))
-        lines.append(f"  after " + "; ".join(f"{d} {n} {b / 1e6:.2f}" for d, n, b in after))
+        for label, ps in (("before", passes(*LAYERS[2], layout, False)), ("after", passes(*LAYERS[2], layout, True))):
+            lines.append(f"- {layout} {label}: " + "; ".join(f"{d} {n} {b / 1e6:.2f}" for d, n, b in ps))
     lines += ["", "NCHW still costs, per training step, the forward's x copy to NHWC and y copy back, the backward's "
               "dx copy back and wgrad's x copy: the GEMMs gather 16-byte channel vectors and write NHWC rows, "
               "which NCHW tensors do not provide; avoiding them needs a transposing gather / epilogue inside "

@@ -65,8 +65,7 @@ struct Cache {
   bool enabled = true;
 
   Cache() {
-    const char* env = std::getenv("ALEXNET_EXT_CONV_WEIGHT_CACHE");
-    enabled = env == nullptr || parse_env_flag(env);
+    enabled = parse_env_flag(std::getenv("ALEXNET_EXT_CONV_WEIGHT_CACHE"));  // off unless set
   }
   void erase(std::list<Entry>::iterator it) {
     bytes -= it->bytes;
@@ -93,6 +92,10 @@ Cache& cache() {
 // The identity of `w`, or false when it cannot be cached.
 bool identify(const at::Tensor& w, Identity& id) {
   if (!w.defined() || !w.has_storage() || w.is_inference() || w.layout() != c10::kStrided) return false;
+  // Another tensor on the same storage (a view, a `.data` alias such as
+  // torch.autograd.gradcheck perturbs the weight through) may write it with
+  // its own version counter.
+  if (w.storage().use_count() > 1) return false;
   const c10::Device device = w.device();
   if (device.type() == c10::DeviceType::CUDA) {
     const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);

@@ -1,19 +1,26 @@
 // A cache of packed conv weights (forward KRSC or folded, dgrad's wt): the
-// CUDA path repacks the weight on every call otherwise, though a parameter
-// usually changes only once per optimizer step (and never in evaluation).
+// CUDA path repacks the weight on every call otherwise, though weights do
+// not change between evaluation calls. Off unless enabled
+// (ALEXNET_EXT_CONV_WEIGHT_CACHE=1 or
+// torch.ops.alexnet_ext._conv2d_relu_weight_cache(1)), because a cache
+// keyed by the version counter cannot see writes that bypass it.
 //
 // A hit needs the same live TensorImpl, the same version counter value, the
 // same storage, data pointer, sizes, strides, dtype, device and stream, and
 // the same packing. Entries hold weak references only (a dead weight's
 // entry is dropped at the next lookup), at most kMaxBytes of packed tensors
-// (least recently used dropped first). Mutations the version counter does
-// not see are not seen: writes through `.data` (it has its own counter),
-// fused optimizers (`torch.optim.Adam(fused=True)` leaves `_version`
-// unchanged), numpy/DLPack aliases. Training is covered anyway: the
-// backward that computes a weight's gradient drops that weight's entries
-// (whatever the optimizer then does, the next forward repacks). For other
-// such writes, turn the cache off: ALEXNET_EXT_CONV_WEIGHT_CACHE=0 or
-// torch.ops.alexnet_ext._conv2d_relu_weight_cache(0).
+// (least recently used dropped first).
+// Writes the version counter does not see: through `.data` (an alias with
+// its own counter), fused optimizers (`torch.optim.Adam(fused=True)` leaves
+// `_version` unchanged on torch 2.13), numpy/DLPack aliases. Two guards:
+// a weight whose storage another tensor shares (a view, a live `.data`
+// alias: torch.autograd.gradcheck perturbs inputs that way) is not cached;
+// the backward that computes a weight's gradient drops that weight's
+// entries, so whatever the optimizer then does, the next forward repacks.
+// What stays unseen, and why the cache is opt-in: a `.data` (or numpy)
+// write between two forwards with no such backward in between, e.g.
+// `p.data.copy_(pretrained)` after an evaluation, or an EMA copy updated
+// through `.data`.
 // Not cached: inference tensors (no version counter), tensors without
 // storage, and while the CUDA stream is capturing a graph (a graph must read
 // the weight itself, and a cached buffer could be freed before a replay).
