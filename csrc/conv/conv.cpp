@@ -419,8 +419,8 @@ at::Tensor plane_operand(const at::Tensor& t, PlaneStrides& st) {
 }
 
 // Row ranges of the preparation pass: kSms * 8 blocks of 256 threads (more
-// than the 5 per SM its 46-48 registers allow: every SM stays busy to the
-// end), at least one tile per range; at most 128 ranges when the bias
+// than its 40-56 registers let an SM hold at once: every SM stays busy to
+// the end), at least one tile per range; at most 128 ranges when the bias
 // gradient's partial sums are kept, the number reduce_splits adds per column.
 int prep_splits(int64_t rows, int64_t cols, bool column_sums) {
   const int64_t tiles = (rows + kPrepTile - 1) / kPrepTile;
