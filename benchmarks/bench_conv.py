@@ -11,7 +11,9 @@ script and the operator end to end, they are not a performance target.
 
 It first prints the static model of the CUDA kernels on these layers
 (tools/conv_model.py: executed/useful MMA FLOPs, waves, SASS per MMA of the
-k-loop; no GPU needed; committed as benchmarks/results/conv_model.md).
+k-loop; no GPU needed; committed as benchmarks/results/conv_model.md) and the
+bytes moved by the passes around the kernels (tools/conv_passes.py,
+benchmarks/results/conv_passes.md).
 """
 import os
 import sys
@@ -104,8 +106,20 @@ def print_conv_model():
         print(f"conv_model: skipped ({type(err).__name__}: {err})")
 
 
+def print_conv_passes():
+    """tools/conv_passes.py's static account of the bytes moved around the
+    GEMM kernels (no GPU, a few milliseconds)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    try:
+        import conv_passes
+        conv_passes.main([])
+    except Exception as err:
+        print(f"conv_passes: skipped ({type(err).__name__}: {err})")
+
+
 def main(argv=None):
     print_conv_model()
+    print_conv_passes()
     args = harness.parse_args(__doc__.splitlines()[0], argv,
                               extra=lambda ap: ap.add_argument("--no-compile", action="store_true",
                                                                help="skip the torch.compile baseline"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import alexnet_ext
 from alexnet_ext.functional import conv2d_relu
-from op_testing import DEVICES, DTYPES, HAS_CUDA, check_compiled_matches_eager, random_input, requires_cuda
+from op_testing import DEVICES, DTYPES, HAS_CUDA, check_compiled_matches_eager, random_input, requires_cuda, with_layout
 
 _ops = torch.ops.alexnet_ext
 
@@ -405,3 +405,315 @@ def test_cuda_float32_exact_path_when_tf32_is_off(dtype, layer):
         check_case(ALEXNET[layer], dtype, "cuda", "channels_last")
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------
+# Backward preparation (one pass: ReLU mask, padded NHWC dym, bias-gradient
+# partial sums): dy and y read where they lie, in every layout combination.
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dy_layout,y_layout", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                                ("contiguous", "channels_last"), ("channels_last", "permuted"),
+                                                ("permuted", "contiguous")])
+@pytest.mark.parametrize("want_bias", [True, False])
+@pytest.mark.parametrize("case", [(2, 6, 7, 9, 10, 3, 3, 1, 1, 2), (1, 5, 9, 7, 7, 3, 3, 2, 0, 1),
+                                  (2, 16, 5, 5, 16, 1, 1, 1, 0, 1)], ids=lambda c: "x".join(map(str, c[:5])))
+def test_backward_relu_mask_from_saved_output_in_any_layout(device, dtype, dy_layout, y_layout, want_bias, case):
+    """The backward op against threshold_backward + torch.nn.grad in float64
+    for a given saved output y (negative, zero, positive and NaN values: the
+    gradient passes where y is NaN) and dy (NaN where y <= 0, which the mask
+    must block, not multiply by 0): groups, channel counts that need padding
+    (10/2 = 5, 7), 1x1 kernels, NCHW, NHWC, mixed and non-contiguous dy/y."""
+    n, c, h, w_, k, r, s, stride, padding, groups = case
+    x, w, _, kw = make_case(case, dtype, device, "contiguous", bias=False, requires_grad=False)
+    p = (h + 2 * padding - r) // stride + 1
+    q = (w_ + 2 * padding - s) // stride + 1
+    y = torch.randn(n, k, p, q, dtype=torch.float64)
+    y[y.abs() < 0.3] = 0.0
+    y.view(-1)[::11] = float("nan")
+    gy = torch.randn(n, k, p, q, dtype=torch.float64)
+    blocked = (y <= 0) & (torch.rand(y.shape) < 0.3)
+    assert blocked.any()
+    gy[blocked] = float("nan")
+    y, gy = y.to(dtype), gy.to(dtype)
+    dx, dw, db = _ops.conv2d_relu_backward(with_layout(gy.to(device), dy_layout), x, w, with_layout(y.to(device), y_layout),
+                                           [stride] * 2, [padding] * 2, groups, [True, True, want_bias])
+    dym = torch.ops.aten.threshold_backward(gy.double(), y.double(), 0.0)
+    assert not dym.isnan().any() and (dym[y.isnan()] != 0).all()
+    x64, w64 = x.detach().double().cpu(), w.detach().double().cpu()
+    tol = rel_tol(dtype, device)
+    assert_close_rel(dx, torch.nn.grad.conv2d_input(x64.shape, w64, dym, stride, padding, groups=groups), tol, "dx")
+    assert_close_rel(dw, torch.nn.grad.conv2d_weight(x64, w64.shape, dym, stride, padding, groups=groups), tol, "dw")
+    if want_bias:
+        assert_close_rel(db, dym.sum((0, 2, 3)), tol, "db")
+    else:
+        assert db.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bias_gradient_over_many_row_tiles(device, layout):
+    """Enough output pixels (33,856) that each of the bias gradient's 128 row
+    ranges spans several 32-row tiles on the CUDA path, with K = 12 padded
+    to 16 per group in bfloat16 (two groups)."""
+    check_case((1, 8, 184, 184, 12, 1, 1, 1, 0, 2), torch.bfloat16, device, layout)
+
+
+# ---------------------------------------------------------------------------
+# Packed-weight cache (csrc/conv/weight_cache.h). The CUDA path packs the
+# weight through it; _conv2d_relu_packed_weight runs the same packing and
+# cache on any device, so these run on the CPU.
+
+CACHE_FIELDS = ("enabled", "hits", "misses", "skips", "entries", "bytes")
+PACK_KINDS = {"krsc": 0, "folded": 1, "dgrad": 2}
+
+
+@pytest.fixture
+def weight_cache():
+    """An enabled, empty cache with zeroed counters; returns a stats reader.
+    The caller's on/off setting is restored after."""
+    enabled = _ops._conv2d_relu_weight_cache()[0]
+    _ops._conv2d_relu_weight_cache(1, True)
+    yield lambda: dict(zip(CACHE_FIELDS, _ops._conv2d_relu_weight_cache()))
+    _ops._conv2d_relu_weight_cache(enabled, True)
+
+
+def reference_pack(w, groups, vec, kind):
+    """The packings of conv_math.h's layouts, written out in torch."""
+    w = w.detach()
+    k, cg, r, s = w.shape
+    up = lambda v, m: -(-v // m) * m
+    kg, cgp, kgp = k // groups, up(cg, vec), up(k // groups, vec)
+    if kind == "folded":
+        run = w.permute(0, 2, 3, 1).reshape(k, r, s * cg)
+        return F.pad(run, (0, up(s * cg, 4) - s * cg, 0, 0, 0, kgp - k)).reshape(kgp, -1)
+    krsc = F.pad(w.permute(0, 2, 3, 1).reshape(groups, kg, r, s, cg), (0, cgp - cg, 0, 0, 0, 0, 0, kgp - kg))
+    if kind == "dgrad":
+        return krsc.permute(0, 4, 2, 3, 1)
+    return krsc.reshape(groups * kgp, r, s, cgp)
+
+
+def pack(w, kind, groups=1, vec=8):
+    return _ops._conv2d_relu_packed_weight(w, groups, vec, PACK_KINDS[kind])
+
+
+def assert_packs(w, kind, groups=1, vec=8):
+    got = pack(w, kind, groups, vec)
+    want = reference_pack(w, groups, vec, kind)
+    assert got.shape == want.shape and got.dtype == w.dtype
+    torch.testing.assert_close(got.reshape(want.shape), want, rtol=0, atol=0, equal_nan=True, msg=kind)
+    return got
+
+
+@pytest.mark.parametrize("kind,groups", [("krsc", 1), ("krsc", 2), ("dgrad", 2), ("folded", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_cache_hit_returns_the_same_packing(weight_cache, kind, groups, dtype):
+    w = random_input((10, 3, 5, 3), dtype, "cpu", requires_grad=True)
+    first = assert_packs(w, kind, groups)
+    misses = weight_cache()["misses"]
+    again = assert_packs(w, kind, groups)
+    stats = weight_cache()
+    assert stats["hits"] == 1 and stats["misses"] == misses
+    assert again.data_ptr() == first.data_ptr()
+
+
+def _sgd(w):
+    w.grad = torch.randn_like(w)
+    torch.optim.SGD([w], lr=0.1, momentum=0.9).step()
+
+
+def _adam_fused(w):
+    w.grad = torch.randn_like(w)
+    torch.optim.Adam([w], lr=0.1, fused=True).step()
+
+
+def _no_grad(fn):
+    def run(w):
+        with torch.no_grad():
+            fn(w)
+    return run
+
+
+IN_PLACE_UPDATES = {
+    "add_": _no_grad(lambda w: w.add_(1.0)),
+    "copy_": _no_grad(lambda w: w.copy_(torch.randn_like(w))),
+    "detach-mul_": lambda w: w.detach().mul_(-2.0),
+    "slice-view": _no_grad(lambda w: w[1:3].zero_()),
+    "sgd-step": _sgd,
+    "set-data": lambda w: setattr(w, "data", torch.randn_like(w)),
+}
+
+
+@pytest.mark.parametrize("update", list(IN_PLACE_UPDATES))
+@pytest.mark.parametrize("kind", ["krsc", "dgrad"])
+def test_weight_cache_in_place_update_invalidates(weight_cache, update, kind):
+    w = random_input((8, 4, 3, 3), torch.float32, "cpu", requires_grad=True)
+    before = assert_packs(w, kind).clone()
+    IN_PLACE_UPDATES[update](w)
+    after = assert_packs(w, kind)
+    assert not torch.equal(after, before)
+    assert weight_cache()["hits"] == 0
+
+
+def test_weight_cache_drops_a_weight_whose_gradient_was_computed(weight_cache):
+    """Writes the version counter does not see (`.data`, fused optimizers)
+    follow a backward in training: that backward drops the weight's entries."""
+    x, w, b, kw = make_case((2, 4, 6, 6, 8, 3, 3, 1, 1, 1), torch.float32, "cpu", "contiguous")
+    assert_packs(w, "krsc")
+    assert_packs(w, "dgrad")  # (built from the cached KRSC: a hit)
+    y = conv2d_relu(x, w, b, **kw)
+    y.backward(torch.randn_like(y))
+    assert weight_cache()["entries"] == 0
+    version, hits = w._version, weight_cache()["hits"]
+    _adam_fused(w)
+    w.data.add_(1.0)
+    assert w._version == version  # neither write is seen by the version counter ...
+    assert_packs(w, "krsc")       # ... and the packing is still the current one
+    assert weight_cache()["hits"] == hits
+
+
+def test_weight_cache_under_no_grad_and_inference_mode(weight_cache):
+    w = random_input((8, 4, 3, 3), torch.bfloat16, "cpu", requires_grad=True)
+    with torch.no_grad():
+        first = assert_packs(w, "krsc")
+        assert assert_packs(w, "krsc").data_ptr() == first.data_ptr()
+    with torch.inference_mode():
+        # A normal tensor keeps its version counter in inference mode.
+        assert assert_packs(w, "krsc").data_ptr() == first.data_ptr()
+        w.data.copy_(torch.randn_like(w))  # (not tracked: `.data`) ...
+        with torch.no_grad():
+            w.mul_(3.0)                    # ... but this is
+        assert_packs(w, "krsc")
+        # Inference tensors have no version counter: packed, never cached.
+        wi = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16)
+        assert wi.is_inference()
+        skips = weight_cache()["skips"]
+        assert_packs(wi, "krsc")
+        assert_packs(wi, "dgrad")
+    stats = weight_cache()
+    assert stats["hits"] == 2 and stats["skips"] >= skips + 2 and stats["entries"] == 1
+
+
+def test_weight_cache_keys_dtype_shape_and_strides_of_one_storage(weight_cache):
+    """The same parameter re-pointed (`.data =`) to another dtype, shape or
+    layout never gets its old packing; views of one storage (other dtypes,
+    shapes, strides) are not cached at all: another tensor on the storage
+    could write it unseen by the weight's version counter."""
+    p = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    assert_packs(p, "krsc")
+    # (no other reference to the new tensors: a live alias would turn caching off)
+    for make in (lambda: p.data.double(), lambda: torch.randn(8, 2, 3, 3),
+                 lambda: p.data.contiguous(memory_format=torch.channels_last).add(1)):
+        p.data = make()
+        assert_packs(p, "krsc")
+    assert assert_packs(p, "krsc", vec=4).shape == (8, 3, 3, 4)  # another padding of the same weight
+    assert weight_cache()["hits"] == 0 and weight_cache()["misses"] == 5
+    base = torch.randn(8 * 4 * 3 * 3)
+    skips = weight_cache()["skips"]
+    for view in (base.view(8, 4, 3, 3), base.view(4, 8, 3, 3), base.view(torch.bfloat16).view(8, 4, 3, 6),
+                 base.view(8, 4, 3, 3).transpose(2, 3)):
+        assert_packs(view, "krsc")
+        assert_packs(view, "krsc")
+    assert weight_cache()["skips"] == skips + 8 and weight_cache()["hits"] == 0
+
+
+def test_weight_cache_does_not_keep_dead_weights(weight_cache):
+    import gc
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    pack(w, "krsc")
+    assert weight_cache()["entries"] == 1 and weight_cache()["bytes"] == 8 * 3 * 3 * 8 * 4
+    del w
+    gc.collect()
+    assert weight_cache()["entries"] == 0 and weight_cache()["bytes"] == 0
+
+
+def test_weight_cache_switch(weight_cache):
+    w = random_input((8, 4, 3, 3), torch.float32, "cpu")
+    assert_packs(w, "krsc")
+    assert _ops._conv2d_relu_weight_cache(0)[CACHE_FIELDS.index("entries")] == 0
+    a, b = assert_packs(w, "krsc"), assert_packs(w, "krsc")
+    assert a.data_ptr() != b.data_ptr() and weight_cache()["hits"] == 0
+    with pytest.raises(RuntimeError, match="`enable`"):
+        _ops._conv2d_relu_weight_cache(2)
+
+
+def test_weight_cache_env_switch():
+    """Opt-in: writes through `.data` between two forwards are not seen."""
+    import subprocess
+    import sys
+    code = "import torch, alexnet_ext; print(torch.ops.alexnet_ext._conv2d_relu_weight_cache()[0])"
+    import os
+    base = {k: v for k, v in os.environ.items() if k != "ALEXNET_EXT_CONV_WEIGHT_CACHE"}
+    for value, want in ((None, "0"), ("0", "0"), ("off", "0"), ("1", "1")):  # off unless set
+        env = base if value is None else dict(base, ALEXNET_EXT_CONV_WEIGHT_CACHE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
+
+
+def test_weight_cache_is_thread_safe(weight_cache):
+    import threading
+    failures = []
+
+    def worker(seed):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(16, 8, 3, 3, generator=g)
+        try:
+            for i in range(40):
+                if i % 3 == 0:
+                    with torch.no_grad():
+                        w.add_(torch.randn(w.shape, generator=g))
+                for kind in ("krsc", "dgrad"):
+                    if not torch.equal(pack(w, kind).reshape(-1), reference_pack(w, 1, 8, kind).reshape(-1)):
+                        failures.append((seed, i, kind))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert weight_cache()["hits"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64_with_the_weight_cache_on(weight_cache, device):
+    """gradcheck perturbs the weight through a `.data` alias (no version
+    bump): the cache must not serve the unperturbed packing."""
+    test_gradcheck_float64(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cached_weight_follows_training_and_evaluation(weight_cache, device, layout):
+    """The op itself across evaluation calls (hits where the CUDA path packs),
+    in-place updates and training steps (SGD, fused Adam) always computes
+    with the current weight, forward and input gradient (dgrad's packing)."""
+    x, w, b, kw = make_case((2, 8, 7, 7, 16, 3, 3, 1, 1, 2), torch.float32, device, layout)
+    tol = rel_tol(torch.float32, device)
+
+    def check(grad=False):
+        y = conv2d_relu(x, w, b, **kw)
+        rx, rw, rb, ry = reference(x, w, b, kw)
+        assert_close_rel(y, ry.detach(), tol, "output")
+        if grad:
+            g = torch.randn(ry.shape, dtype=torch.float64)
+            (gx,) = torch.autograd.grad(y, x, g.float().to(device), retain_graph=True)
+            assert_close_rel(gx, torch.autograd.grad(ry, rx, g * ~(y.detach().double().cpu() <= 0))[0], tol, "grad input")
+        return y
+
+    with torch.no_grad():
+        check()
+        check()
+    packs_weights = weight_cache()["misses"] > 0  # the CUDA path (also under the emulator)
+    assert weight_cache()["hits"] == (1 if packs_weights else 0)
+    with torch.no_grad():
+        w.mul_(-1.0)
+    check(grad=True)
+    for step in (_sgd, _adam_fused):
+        y = check(grad=True)
+        y.backward(torch.randn_like(y))
+        step(w)
+        check(grad=True)

@@ -5,7 +5,9 @@
 // the rounding to the output dtype) in one pass; backward masks dy with
 // relu_grad(dy, y) and calls ATen's convolution_backward.
 // CUDA: the implicit GEMMs of conv_math.h on NHWC operands; NCHW tensors are
-// converted to channels_last here and the results copied back.
+// converted to channels_last here and the results copied back (except dy and
+// y, which the backward's preparation pass reads where they lie); packed
+// weights are cached (weight_cache.h).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +21,7 @@
 #include "common/op_utils.h"
 #include "conv/conv_cpu.h"
 #include "conv/conv_cuda.h"
+#include "conv/weight_cache.h"
 
 namespace alexnet_ext {
 namespace conv {
@@ -227,6 +230,65 @@ at::Tensor unpad_krsc(const at::Tensor& t, const Operands& o) {
   return v.reshape({o.orig.K, g.R, g.S, o.orig.Cg}).permute({0, 3, 1, 2});
 }
 
+// The packed weight of `kind` for these operands, through the cache of
+// weight_cache.h: rebuilt only when the weight changed. dgrad's wt is built
+// from the (cached) KRSC packing, which the forward usually left there.
+at::Tensor packed_weight(const at::Tensor& weight, const Operands& o, PackKind kind) {
+  const ConvGeom& g = o.g;
+  if (kind == PackKind::Folded) {
+    const ConvGeom f = folded_geometry(o);
+    return cached_pack(weight, {kind, {f.fold, f.Kg, 0}}, [&] { return weight_folded(weight, f, o.orig); });
+  }
+  const PackKey key{kind, {g.groups, g.Cg, g.Kg}};
+  if (kind == PackKind::Krsc) return cached_pack(weight, key, [&] { return weight_krsc(weight, o); });
+  return cached_pack(weight, key, [&] { return weight_for_dgrad(packed_weight(weight, o, PackKind::Krsc), g); });
+}
+
+// Drops the weight's cached packings when it goes out of scope, if its
+// gradient was computed: the optimizer step that usually follows may change
+// the weight without bumping its version counter (fused optimizers, `.data`).
+struct DropPackedOnExit {
+  const at::Tensor& weight;
+  bool drop;
+  ~DropPackedOnExit() {
+    if (drop) drop_packed(weight);
+  }
+};
+
+// Test hook (_conv2d_relu_packed_weight): the packing the CUDA path uses
+// (kind 0: forward KRSC, 1: forward folded, 2: dgrad's wt) of a weight for
+// `groups` and channel vectors of `vec` elements, through the cache, on any
+// device (so the CPU tests exercise the cache).
+at::Tensor packed_weight_hook(const at::Tensor& weight, int64_t groups, int64_t vec, int64_t kind) {
+  check_float_tensor(weight, "weight");
+  TORCH_CHECK(weight.dim() == 4 && weight.numel() > 0, kOp, " packed weight: `weight` must be a non-empty 4-D tensor, got ",
+              weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, kOp, " packed weight: `groups` = ", groups,
+              " must divide the ", weight.size(0), " output channels");
+  TORCH_CHECK(vec >= 1, kOp, " packed weight: `vec` must be >= 1, got ", vec);
+  TORCH_CHECK(kind >= 0 && kind <= 2, kOp, " packed weight: `kind` must be 0 (KRSC), 1 (folded) or 2 (dgrad), got ", kind);
+  TORCH_CHECK(kind != 1 || groups == 1, kOp, " packed weight: the folded packing needs `groups` = 1");
+  ConvGeom orig{};
+  orig.N = 1;
+  orig.K = int(weight.size(0));
+  orig.Cg = int(weight.size(1));
+  orig.C = orig.Cg * int(groups);
+  orig.R = orig.H = int(weight.size(2));
+  orig.S = orig.W = int(weight.size(3));
+  orig.P = orig.Q = 1;
+  orig.stride_h = orig.stride_w = 1;
+  orig.groups = int(groups);
+  orig.Kg = orig.K / int(groups);
+  // A new tensor object: autograd's fallback for this op attaches history
+  // to what it returns, and the cache's own tensor must stay without it.
+  return packed_weight(weight, padded_geometry(with_divisors(orig), vec), static_cast<PackKind>(kind)).detach();
+}
+
+std::vector<int64_t> weight_cache_hook(int64_t enable, bool clear) {
+  const WeightCacheStats s = weight_cache_control(enable, clear);
+  return {s.begin(), s.end()};
+}
+
 // Test hook (_conv2d_relu_force_variant): the tensor-core tile variant every
 // CUDA launch of a matching kind uses, -1 for the plan's choice. Lets the
 // tests run tiles the plan picks only for shapes too large for the emulator.
@@ -322,7 +384,7 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   const bool tf32 = conv_uses_tf32(input.scalar_type());
   const ConvGeom g = cuda_geometry(o, Pass::Forward, dt, tf32);
   const at::Tensor x = aligned(g.fold ? x_folded(input, g, orig) : to_nhwc(input, g.groups, g.Cg));
-  const at::Tensor w = aligned(g.fold ? weight_folded(weight, g, orig) : weight_krsc(weight, o));
+  const at::Tensor w = aligned(packed_weight(weight, o, g.fold ? PackKind::Folded : PackKind::Krsc));
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = pad_groups_last(*bias, g.groups, g.Kg);
   // Write straight into y when it already is the NHWC buffer the kernel fills.
@@ -342,6 +404,32 @@ void forward_cuda(const at::Tensor& input, const at::Tensor& weight, const std::
   if (!direct) y.copy_(unpad_nhwc(out, g.groups, g.Kg, orig.Kg));
 }
 
+// grad_output or output as relu_grad_prep_cuda reads it: NCHW or NHWC
+// strides as they are (the kernel reads either layout coalesced), any other
+// strides copied to NCHW first. Strides are the canonical ones of the
+// layout, which also index size-1 dimensions correctly.
+at::Tensor plane_operand(const at::Tensor& t, PlaneStrides& st) {
+  const int64_t K = t.size(1), pixels = t.size(2) * t.size(3);
+  if (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    st = {pixels * K, 1, K};
+    return t;
+  }
+  st = {K * pixels, pixels, 1};
+  return t.contiguous();
+}
+
+// Row ranges of the preparation pass: kSms * 8 blocks of 256 threads (more
+// than its 40-56 registers let an SM hold at once: every SM stays busy to
+// the end), at least one tile per range; at most 128 ranges when the bias
+// gradient's partial sums are kept, the number reduce_splits adds per column.
+int prep_splits(int64_t rows, int64_t cols, bool column_sums) {
+  const int64_t tiles = (rows + kPrepTile - 1) / kPrepTile;
+  const int64_t col_tiles = (cols + kPrepTile - 1) / kPrepTile;
+  int64_t splits = (kSms * 8 + col_tiles - 1) / col_tiles;
+  if (column_sums) splits = std::min<int64_t>(splits, 128);
+  return int(std::clamp<int64_t>(splits, 1, std::min<int64_t>(tiles, 65535)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                                                              const at::Tensor& weight, const at::Tensor& output,
                                                              const ConvGeom& orig, std::array<bool, 3> mask,
@@ -352,33 +440,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   check_gemm_indexing(orig, vec_elems(input));
   const Operands o = padded_geometry(orig, vec_elems(input));
   const ConvGeom& g = o.g;
-  // dy masked by ReLU's gradient, NPQK with padded channels (padding is 0).
-  const at::Tensor dy = to_nhwc(grad_output, 1, orig.K).contiguous();
-  const at::Tensor y = to_nhwc(output, 1, orig.K).contiguous();
-  at::Tensor dym = at::empty_like(dy);
-  check_launch(relu_grad_cuda(dt, dy.const_data_ptr(), y.const_data_ptr(), dym.mutable_data_ptr(), dy.numel(), stream),
-               kOpBackward, "relu_grad_cuda", stream);
-  dym = aligned(pad_groups_last(dym, g.groups, g.Kg));
+  // One pass over dy and y where they lie (NCHW or NHWC): dym =
+  // relu_grad(dy, y) as NPQK with padded channels (zeros) and, for the bias
+  // gradient, its column sums per row range, reduced in order by
+  // reduce_splits (deterministic, no atomics).
   const auto acc = at::toOpMathType(input.scalar_type());
+  ReluGradPrep prep;
+  const at::Tensor dy = plane_operand(grad_output, prep.dy_strides);
+  const at::Tensor y = plane_operand(output, prep.y_strides);
+  const at::Tensor dym = at::empty({g.N, g.P, g.Q, g.K}, input.options());
+  prep.dy = dy.const_data_ptr();
+  prep.y = y.const_data_ptr();
+  prep.dym = dym.mutable_data_ptr();
+  prep.rows = int64_t(g.N) * g.P * g.Q;
+  prep.pixels = make_fast_div(g.P * g.Q);
+  prep.groups = g.groups;
+  prep.kg = orig.Kg;
+  prep.kg_pad = g.Kg;
+  prep.splits = prep_splits(prep.rows, g.K, mask[2]);
+  at::Tensor partial;
   if (mask[2]) {
-    // Column sums of dym over all pixels: partial sums per row range, then
-    // the same ordered reduction as wgrad (deterministic, no atomics).
-    const int64_t rows = int64_t(g.N) * g.P * g.Q;
-    const int splits = int(std::min<int64_t>(128, std::max<int64_t>(1, rows / 1024)));
-    at::Tensor partial = at::empty({splits, g.K}, input.options().dtype(acc));
-    at::Tensor sums = at::empty({g.K}, input.options());
-    check_launch(column_sum_cuda(dt, dym.const_data_ptr(), partial.mutable_data_ptr(), rows, g.K, splits, stream),
-                 kOpBackward, "column_sum_cuda (bias gradient)", stream);
-    check_launch(reduce_splits_cuda(dt, partial.const_data_ptr(), sums.mutable_data_ptr(), g.K, splits, stream),
+    partial = at::empty({prep.splits, g.K}, input.options().dtype(acc));
+    prep.partial = partial.mutable_data_ptr();
+  }
+  check_launch(relu_grad_prep_cuda(dt, prep, stream), kOpBackward, "relu_grad_prep_cuda", stream);
+  if (mask[2]) {
+    // Straight into db when no channel is padding.
+    at::Tensor sums = g.K == orig.K ? db : at::empty({g.K}, input.options());
+    check_launch(reduce_splits_cuda(dt, partial.const_data_ptr(), sums.mutable_data_ptr(), g.K, prep.splits, stream),
                  kOpBackward, "reduce_splits_cuda (bias gradient)", stream);
-    db.copy_(sums.reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K}));
+    if (g.K != orig.K) db.copy_(sums.reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K}));
   }
   GemmLaunch p;
   p.g = g;
   p.allow_tf32 = conv_uses_tf32(input.scalar_type());
   p.force_variant = g_force_variant.load();
   if (mask[0]) {
-    const at::Tensor wt = aligned(weight_for_dgrad(weight_krsc(weight, o), g));
+    const at::Tensor wt = aligned(packed_weight(weight, o, PackKind::Dgrad));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = direct ? dx : at::empty({g.N, g.H, g.W, g.C}, input.options());
     p.pass = Pass::Dgrad;
@@ -437,6 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
     at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, std::array<bool, 3> output_mask) {
   const ConvGeom g = check_and_geometry(input, weight, std::nullopt, stride, padding, groups);
+  const DropPackedOnExit drop_packed_weight{weight, output_mask[1]};
   check_float_tensor(grad_output, "grad_output");
   check_float_tensor(output, "output");
   check_same_device_dtype(grad_output, "grad_output", input, "input");
@@ -556,6 +655,14 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
         "bool allow_tf32) -> int[]");
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
         "int[2] padding, int groups, int vec, int splits, bool fold=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Packed-weight cache (weight_cache.h): enable 1/0 (-1: unchanged), clear;
+  // returns [enabled, hits, misses, skips, entries, bytes].
+  m.def("_conv2d_relu_weight_cache(int enable=-1, bool clear=False) -> int[]", &alexnet_ext::conv::weight_cache_hook);
+  m.def("_conv2d_relu_packed_weight(Tensor weight, int groups, int vec, int kind) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(alexnet_ext, CompositeExplicitAutograd, m) {
+  m.impl("_conv2d_relu_packed_weight", &alexnet_ext::conv::packed_weight_hook);
 }
 
 TORCH_LIBRARY_IMPL(alexnet_ext, CPU, m) {

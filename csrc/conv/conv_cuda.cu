@@ -525,31 +525,94 @@ LaunchStatus launch_ffma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t
 // ---------------------------------------------------------------------------
 // Backward helpers
 
+// The backward's preparation pass (conv_cuda.h's ReluGradPrep). A block
+// (32, 8) walks its split's row range in 32 x 32 tiles (rows x padded
+// channels): both operands are staged in shared memory, each read with the
+// lanes along its contiguous dimension (channels for NHWC, pixels for NCHW:
+// the transpose through shared memory keeps both reads coalesced), then
+// every thread writes one padded channel of 4 rows, coalesced along the
+// channels of dym, and adds them to its column sum. Each column's sum
+// follows one fixed order (rows by thread row, then the 8 thread rows in
+// order): deterministic, no atomics.
+constexpr int kPrepRowsPerThread = kPrepTile / 8;
+
+// The caller's channel of padded channel `col`, -1 for a group's padding
+// channels and past the last group.
+__device__ __forceinline__ int source_channel(int col, const ReluGradPrep& p) {
+  const int group = col / p.kg_pad, k = col - group * p.kg_pad;
+  return group < p.groups && k < p.kg ? group * p.kg + k : -1;
+}
+
+// The source channels of a thread's tile columns, fixed for the whole
+// block (no division in the row loop): its lane's column for NHWC loads,
+// its kPrepRowsPerThread row-lane columns for NCHW loads.
+struct PrepColumns {
+  int lane;
+  int rows[kPrepRowsPerThread];
+};
+
+// dy or y's tile [row][padded channel] -> shared memory; zeros in padded
+// channels and past the last row/channel (the compute phase reads them all).
 template <typename T>
-__global__ void relu_grad_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = from_acc<T>(relu_grad(to_acc(dy[i]), to_acc(y[i])));
+__device__ __forceinline__ void load_prep_tile(T (*tile)[kPrepTile + 1], const T* __restrict__ src,
+                                               const PlaneStrides& st, const ReluGradPrep& p,
+                                               const PrepColumns& cols, int64_t row0) {
+  const bool pixels_inner = st.k != 1;
+#pragma unroll
+  for (int i = 0; i < kPrepRowsPerThread; ++i) {
+    // NHWC: lane -> channel, NCHW: lane -> row (pixel).
+    const int r = pixels_inner ? int(threadIdx.x) : int(threadIdx.y) + 8 * i;
+    const int c = pixels_inner ? int(threadIdx.y) + 8 * i : int(threadIdx.x);
+    const int channel = pixels_inner ? cols.rows[i] : cols.lane;
+    const int64_t row = row0 + r;
+    T v = from_acc<T>(acc_t<T>(0));
+    if (row < p.rows && channel >= 0) {
+      const int n = int(row) / p.pixels, pix = int(row) - n * int(p.pixels.d);
+      v = src[n * st.n + channel * st.k + pix * st.pix];
+    }
+    tile[r][c] = v;
   }
 }
 
-// Block (32, 8): 32 columns, 8 row lanes summed in a fixed order.
 template <typename T>
-__global__ void column_sum_kernel(const T* __restrict__ in, acc_t<T>* __restrict__ partial, int64_t rows, int cols,
-                                  int splits) {
-  __shared__ acc_t<T> sums[8][33];
-  const int col = blockIdx.x * 32 + threadIdx.x;
-  const Range range = split_range(rows, 1, blockIdx.y, splits);
-  acc_t<T> s = 0;
-  if (col < cols) {
-    for (int64_t r = range.begin + threadIdx.y; r < range.end; r += 8) s += to_acc(in[r * cols + col]);
+__global__ void __launch_bounds__(256) relu_grad_prep_kernel(const ReluGradPrep p) {
+  __shared__ T dy_tile[kPrepTile][kPrepTile + 1];
+  __shared__ T y_tile[kPrepTile][kPrepTile + 1];
+  __shared__ acc_t<T> sums[8][kPrepTile + 1];
+  const T* __restrict__ dy = static_cast<const T*>(p.dy);
+  const T* __restrict__ y = static_cast<const T*>(p.y);
+  T* __restrict__ dym = static_cast<T*>(p.dym);
+  const int cols = p.groups * p.kg_pad;
+  const int col0 = blockIdx.x * kPrepTile, col = col0 + threadIdx.x;
+  const Range range = split_range(p.rows, kPrepTile, blockIdx.y, p.splits);
+  PrepColumns source;
+  source.lane = source_channel(col, p);
+#pragma unroll
+  for (int i = 0; i < kPrepRowsPerThread; ++i) source.rows[i] = source_channel(col0 + threadIdx.y + 8 * i, p);
+  acc_t<T> sum = 0;
+  for (int64_t row0 = range.begin; row0 < range.end; row0 += kPrepTile) {
+    __syncthreads();  // the previous tile's reads are done
+    load_prep_tile(dy_tile, dy, p.dy_strides, p, source, row0);
+    load_prep_tile(y_tile, y, p.y_strides, p, source, row0);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kPrepRowsPerThread; ++i) {
+      const int r = threadIdx.y + 8 * i;
+      if (row0 + r < p.rows && col < cols) {
+        const acc_t<T> g = relu_grad(to_acc(dy_tile[r][threadIdx.x]), to_acc(y_tile[r][threadIdx.x]));
+        dym[(row0 + r) * cols + col] = from_acc<T>(g);
+        sum += g;
+      }
+    }
   }
-  sums[threadIdx.y][threadIdx.x] = s;
+  if (p.partial == nullptr) return;
+  sums[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
     acc_t<T> total = 0;
 #pragma unroll
     for (int k = 0; k < 8; ++k) total += sums[k][threadIdx.x];
-    partial[int64_t(blockIdx.y) * cols + col] = total;
+    static_cast<acc_t<T>*>(p.partial)[int64_t(blockIdx.y) * cols + col] = total;
   }
 }
 
@@ -582,22 +645,12 @@ LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream) {
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }
 
-LaunchStatus relu_grad_cuda(DType dtype, const void* dy, const void* y, void* out, int64_t n, void* stream) {
+LaunchStatus relu_grad_prep_cuda(DType dtype, const ReluGradPrep& p, void* stream) {
+  if (p.rows <= 0 || p.splits < 1 || p.splits > 65535) return static_cast<LaunchStatus>(cudaErrorInvalidValue);
   return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
     using T = decltype(tag);
-    relu_grad_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<T*>(out), n);
-    return static_cast<LaunchStatus>(cudaGetLastError());
-  });
-}
-
-LaunchStatus column_sum_cuda(DType dtype, const void* in, void* partial, int64_t rows, int cols, int splits,
-                             void* stream) {
-  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
-    using T = decltype(tag);
-    dim3 grid(unsigned((cols + 31) / 32), unsigned(splits));
-    column_sum_kernel<T><<<grid, dim3(32, 8), 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(in), static_cast<acc_t<T>*>(partial), rows, cols, splits);
+    const dim3 grid(unsigned((p.groups * p.kg_pad + kPrepTile - 1) / kPrepTile), unsigned(p.splits));
+    relu_grad_prep_kernel<T><<<grid, dim3(32, 8), 0, static_cast<cudaStream_t>(stream)>>>(p);
     return static_cast<LaunchStatus>(cudaGetLastError());
   });
 }

@@ -149,16 +149,34 @@ inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
   return pl;
 }
 
-// out[i] = relu_grad(dy[i], y[i]) over n elements.
-LaunchStatus relu_grad_cuda(DType dtype, const void* dy, const void* y, void* out, int64_t n, void* stream);
-
-// Column sums of a (rows, cols) row-major matrix in `splits` row ranges:
-// partial[split][col] in the accumulation dtype (bias gradient, pass 1).
-LaunchStatus column_sum_cuda(DType dtype, const void* in, void* partial, int64_t rows, int cols, int splits,
-                             void* stream);
+// The backward's one preparation pass over grad_output and the saved output
+// (N, K, P, Q), each read where it lies, NCHW or NHWC: dym =
+// relu_grad(dy, y) as the contiguous (N*P*Q, groups * kg_pad) matrix the
+// dgrad/wgrad GEMMs read (zeros in the padded channels of every group) and,
+// when `partial` is set, dym's column sums per row range (the bias gradient
+// before reduce_splits_cuda). The grid is (column tiles, splits) of
+// kPrepTile x kPrepTile tiles; split s covers split_range(rows, kPrepTile,
+// s, splits).
+constexpr int kPrepTile = 32;
+struct PlaneStrides {
+  int64_t n = 0, k = 0, pix = 0;  // element strides of image, channel and pixel p * Q + q
+};
+struct ReluGradPrep {
+  const void* dy = nullptr;
+  const void* y = nullptr;
+  PlaneStrides dy_strides, y_strides;
+  void* dym = nullptr;
+  void* partial = nullptr;  // (splits, groups * kg_pad) in the accumulation dtype, or null
+  int64_t rows = 0;         // N * P * Q, below 2^31
+  FastDiv pixels;           // P * Q
+  int groups = 1, kg = 1, kg_pad = 1;  // output channels per group: the caller's and padded
+  int splits = 1;                      // 1..65535
+};
+LaunchStatus relu_grad_prep_cuda(DType dtype, const ReluGradPrep& p, void* stream);
 
 // out[i] = sum over s in order of partial[s][i], converted to the element
-// dtype: the deterministic second pass of split-K wgrad and of column_sum.
+// dtype: the deterministic second pass of split-K wgrad and of the bias
+// gradient's column sums.
 LaunchStatus reduce_splits_cuda(DType dtype, const void* partial, void* out, int64_t n, int splits, void* stream);
 
 }  // namespace conv
