@@ -16,4 +16,19 @@ LaunchStatus cuda_stream_sync(void* stream) {
   return static_cast<LaunchStatus>(err);
 }
 
+bool cuda_stream_capturing(void* stream) {
+#ifdef EMU_DEVICE_TU
+  (void)stream;  // the CPU emulator (../shared/simt-emu) has no graph capture
+  return false;
+#else
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  // A failed query counts as capturing: callers then take their safe path.
+  if (cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) != cudaSuccess) {
+    cudaGetLastError();  // not sticky: do not leave it for the next launch check
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+#endif
+}
+
 }  // namespace alexnet_ext

@@ -20,4 +20,9 @@ const char* cuda_error_string(LaunchStatus status);
 // first error it raised, 0 if none (ALEXNET_EXT_SYNC_CHECK).
 LaunchStatus cuda_stream_sync(void* stream);
 
+// Whether `stream` (a cudaStream_t) is capturing a CUDA graph. Asked of the
+// CUDA runtime: c10::Stream::is_capturing() is newer than the PyTorch 2.11
+// of the GPU machines.
+bool cuda_stream_capturing(void* stream);
+
 }  // namespace alexnet_ext

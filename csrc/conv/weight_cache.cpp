@@ -12,6 +12,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/op_utils.h"
 
 namespace alexnet_ext {
@@ -99,7 +100,11 @@ bool identify(const at::Tensor& w, Identity& id) {
   const c10::Device device = w.device();
   if (device.type() == c10::DeviceType::CUDA) {
     const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
-    if (stream.is_capturing()) return false;
+#ifdef ALEXNET_EXT_WITH_CUDA
+    if (cuda_stream_capturing(stream.native_handle())) return false;
+#else
+    return false;  // built without CUDA kernels: the CUDA path throws anyway
+#endif
     id.stream = stream.id();
   }
   id.impl = w.unsafeGetTensorImpl();
