@@ -19,9 +19,10 @@
 // are not all finite (or k = 0, alpha < 0) the dense formula runs instead,
 // so NaN and inf spread exactly as through the unfused pair. Each dx
 // element has one writer. NCHW 3x3 / stride 2 (backward_nchw_3x3s2): a task
-// walks one image's channels over planes split by row and column parity,
-// as the forward does, so the gathers and scatters at the argmax are
-// unit-stride select passes. channels_last (backward_channels_last): a
+// walks one image's channels in the planes' own layout: each output's
+// window sum and x are gathered at its maximum (vector gathers), its two
+// terms added back in output order (scalar), the dense passes read x and
+// write dx in place. channels_last (backward_channels_last): a
 // task is one image and a band of rows, vectorised along the channels in
 // the layout. Other NCHW windows (backward_nchw_bands): bands of rows in
 // channel-major buffers. All hot loops are compiled for AVX-512/AVX2 where
@@ -431,188 +432,128 @@ void grad_inputs(const acc* __restrict__ g_ip, const src_t* __restrict__ x, cons
   for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t[i], c));
 }
 
-// One row of argmax offsets and pooled gradients, widened to the lane and
-// accumulation types (a function: its restrict parameters let it vectorise).
-template <typename lane, typename acc, typename scalar_t>
-void widen_row(const uint8_t* __restrict__ a_in, const scalar_t* __restrict__ dy_in, lane* __restrict__ a_out,
-               acc* __restrict__ dy_out, int64_t n) {
+// Where the maxima of whole 3x3 / stride 2 windows are: pos[i] = the flat
+// plane index of output i's maximum (its window's first element
+// window_start[i] plus the argmax offset a = 3 * dh + dw; dh = a / 3 taken
+// as (a * 11) >> 5, exact for a < 9, so the loop vectorises), d[i] = its
+// pooled gradient. An offset outside the window (a corrupted argmax) adds
+// nothing and is never used as an index.
+template <typename acc, typename scalar_t>
+void argmax_positions(const uint8_t* __restrict__ a, const scalar_t* __restrict__ dy,
+                      const int32_t* __restrict__ window_start, int32_t W, int32_t* __restrict__ pos,
+                      acc* __restrict__ d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    a_out[i] = a_in[i];
-    dy_out[i] = static_cast<acc>(dy_in[i]);
+    const int32_t off = a[i];
+    const bool inside = off < 9;
+    const int32_t dh = (off * 11) >> 5, dw = off - 3 * dh;
+    pos[i] = window_start[i] + (inside ? dh * W + dw : 0);
+    d[i] = inside ? static_cast<acc>(dy[i]) : acc(0);
   }
 }
 
-// One quarter's elements k from the outputs whose window reaches them:
-// out[k] = 0 + sum over r of (a[k - delta[r]] == off[r] ? v[k - delta[r]] : 0),
-// r in ascending output order (PyTorch's accumulation order); a and v are
-// readable `lead` before index 0. Each element written once, no zeroing.
-template <int R, typename acc, typename lane>
-void spread_to_quarter(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ out, const int (&off)[R],
-                       const int64_t (&delta)[R], int64_t n) {
-  int64_t back[R];  // offsets from the restrict-qualified bases: no run-time alias checks
-  for (int r = 0; r < R; ++r) back[r] = delta[r];
-  for (int64_t k = 0; k < n; ++k) {
-    acc sum = acc(0);
-    for (int r = 0; r < R; ++r) {
-      const acc v_r = v[k - back[r]];
-      sum += a[k - back[r]] == lane(off[r]) ? v_r : acc(0);
-    }
-    out[k] = sum;
+// The LRN backward's two per-element quantities at each output's maximum,
+// from the window sum and x gathered there (vectorised gathers) and the
+// pooled gradient d: t = d * x * s^-beta / s and d * s^-beta (lrn_math.h).
+template <typename acc, typename src_t>
+void terms_at_positions(const int32_t* __restrict__ pos, const acc* __restrict__ d, const acc* __restrict__ sums,
+                        const src_t* __restrict__ x, acc* __restrict__ t, acc* __restrict__ g_ip, int64_t n,
+                        const Coefs<acc>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc base = lrn::denominator_base(sums[pos[i]], c);
+    const acc ip = lrn::inv_pow(base, c);
+    t[i] = lrn::grad_term(d[i], static_cast<acc>(x[pos[i]]), ip, base);
+    g_ip[i] = d[i] * ip;
   }
 }
 
-// The pool's backward scatter of per-output values v through the argmax a
-// into the four quarters (Q apart) of a plane split by parity, as a gather:
-// quarter (row parity, column parity) element k is reached by window
-// position (dh, dw) of output k - (dh / 2) * S - dw / 2. Even rows and
-// columns are shared by two windows along each axis, the earlier output
-// (larger delta) first.
-template <typename acc, typename lane>
-void spread_to_quarters(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ quarters, int64_t S,
-                        int64_t Q) {
-  spread_to_quarter<4>(a, v, quarters, {8, 6, 2, 0}, {S + 1, S, 1, 0}, Q);  // even row, even column
-  spread_to_quarter<2>(a, v, quarters + Q, {7, 1}, {S, 0}, Q);               // even row, odd column
-  spread_to_quarter<2>(a, v, quarters + 2 * Q, {5, 3}, {1, 0}, Q);           // odd row, even column
-  spread_to_quarter<1>(a, v, quarters + 3 * Q, {4}, {0}, Q);                 // odd row, odd column
+// dst[pos[i]] += v[i] (and dst2 with v2) in ascending i: an element that is
+// the maximum of several windows sums them in output order, as PyTorch's
+// pool backward does.
+template <typename acc>
+void scatter_add(acc* dst, const int32_t* pos, const acc* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[pos[i]] += v[i];
+}
+template <typename acc>
+void scatter_add2(acc* dst, acc* dst2, const int32_t* pos, const acc* v, const acc* v2, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[pos[i]] += v[i];
+    dst2[pos[i]] += v2[i];
+  }
 }
 
 // NCHW backward for whole 3x3 / stride 2 windows (whole_3x3s2_windows).
 // A task is one image and a range of channels [c0, c1), walked a channel
-// at a time: every plane is split by row and column parity into four
-// quarters, as the forward splits the LRN plane, so that window position
-// (dh, dw) of output (oh, ow) is the quarter element at the flat output
-// index oh * S + ow shifted by a constant: the gather of each output's
-// window sum and x at its argmax, and the scatter of its two terms back,
-// are nine unit-stride select passes over the plane's outputs. Only those
-// outputs (a quarter of the plane) pay for the denominators; the window
-// sums of squares and of terms and dx are dense passes over quarter
-// planes, which the channel window reads from rings of the last `size`
-// planes (x, t and g * s^-beta), L2-resident. Pipeline, at step j: load x
-// plane j; the terms of channel j - after (its window ends at j); dx of
-// channel j - after - before (its R window ends at j - after). A range
-// starting past channel 0 first recomputes the terms of the `after`
-// channels before it (halo), so images split over threads when N is small.
-// A plane whose window sums are not all finite takes the dense formula
-// (d lrn_out scattered, then every element), spreading NaN and inf as the
-// unfused pair does.
+// at a time in the planes' own layout. d loss / d lrn_out is non-zero only
+// at the pooled maxima (at most a quarter of the plane), so only there are
+// the denominators recomputed: the window sums of squares are one dense
+// pass over the input planes of the channel window (read in place), the
+// sums and x at each output's maximum are gathered, the two terms computed
+// there and added into zeroed plane buffers in output order. The window
+// sums of the terms and dx are dense passes, dx written straight into its
+// plane. Pipeline over channels: the terms of channel ct (its window ends
+// at ct + after, read from x), then dx of channel ct - before (its R window
+// [cd - after, cd + before] ends at ct); the terms and d * s^-beta planes
+// live in rings of the last `size` channels, L2-resident. A range starting
+// past channel 0 first computes the terms of the `after` channels before
+// it (halo), so images split over threads when N is small. A plane whose
+// window sums are not all finite (or k = 0, alpha < 0) takes the dense
+// formula (d lrn_out scattered, then every element), spreading NaN and inf
+// as the unfused pair does.
 template <typename scalar_t>
 void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
                          const LrnPoolParams& p) {
   using acc = at::opmath_type<scalar_t>;
-  using lane = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;  // mask width of acc
   const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
   const PoolGeometry& g = p.pool;
   const int64_t N = p.lrn.outer, C = p.lrn.channels, H = g.in_h, W = g.in_w, P = H * W;
-  const int64_t out_plane = int64_t{g.out_h} * g.out_w;
+  const int64_t out_w = g.out_w, out_plane = int64_t{g.out_h} * out_w;
   const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
   const int64_t ring = before + after + 1;
-  // Quarter geometry (as forward_nchw's): S columns, (H + 1) / 2 rows and
-  // one element of slack for the last flat pass; Q apart, four to a plane
-  // (QP, padded with zeros).
-  const int64_t S = (W + 1) / 2, Q = (H + 1) / 2 * S + 1, flat = int64_t{g.out_h} * S;
-  const int64_t QP = (4 * Q + 15) / 16 * 16;  // whole vectors
-  int64_t shift[9];  // window position -> its quarter element's offset from the flat output index
-  for (int dh = 0; dh < 3; ++dh)
-    for (int dw = 0; dw < 3; ++dw) shift[pool::encode_offset(dh, dw, 3)] = ((dh % 2) * 2 + dw % 2) * Q + (dh / 2) * S + dw / 2;
-  const int64_t out_h = g.out_h, out_w = g.out_w;  // locals: stores through lane* cannot alias them
-  const int64_t lead = S + 1;  // farthest output before an element whose window reaches it, in flat indices
-  // Channel ranges: enough tasks for every thread (halo recompute: before + after planes of x, after of terms).
+  const int64_t PP = (P + 15) / 16 * 16;  // plane stride in the rings: whole vectors
+  // Channel ranges: enough tasks for every thread (halo recompute: the terms of `after` channels).
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N));
   const int64_t chunk = (C + chunks - 1) / chunks;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    // Zero-filled once: the quarters' unused padding stays 0 (finite).
-    std::vector<acc> x_ring(static_cast<size_t>(ring * QP), acc(0)), t_ring(x_ring.size(), acc(0)),
-        g_ring(x_ring.size(), acc(0)), sums(static_cast<size_t>(QP), acc(0)), dx_quarters(sums.size());
-    // Per output, at flat index + lead: lead outputs before (and some after)
-    // that match no window position, so the spreads read them unguarded.
-    std::vector<acc> d_pad(static_cast<size_t>(lead + Q), acc(0)), t_pad(d_pad.size(), acc(0)), g_pad(d_pad.size(), acc(0));
-    std::vector<lane> a_pad(d_pad.size(), lane(9));
-    std::vector<const acc*> window_planes(static_cast<size_t>(ring));
+    std::vector<acc> t_ring(static_cast<size_t>(ring * PP)), g_ring(t_ring.size()), sums(static_cast<size_t>(PP)),
+        sum_t(sums.size()), d(static_cast<size_t>(out_plane)), t_at(d.size()), g_at(d.size());
+    std::vector<int32_t> window_start(static_cast<size_t>(out_plane)), pos(window_start.size());
+    for (int64_t o = 0; o < out_plane; ++o) window_start[o] = static_cast<int32_t>(2 * (o / out_w) * W + 2 * (o % out_w));
+    std::vector<const scalar_t*> x_planes(static_cast<size_t>(ring));
+    std::vector<const acc*> t_planes(static_cast<size_t>(ring));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk, c1 = std::min<int64_t>(C, c0 + chunk);
       if (c0 >= c1) continue;
       with_cpu_isa([&] {
-        acc* __restrict__ sum = sums.data();
-        const auto xq = [&](int64_t c) { return x_ring.data() + (c % ring) * QP; };
-        const auto tq = [&](int64_t c) { return t_ring.data() + (c % ring) * QP; };
-        const auto gq = [&](int64_t c) { return g_ring.data() + (c % ring) * QP; };
-        // Row h of a plane <-> its even and odd columns in quarters (h % 2, 0) and (h % 2, 1).
-        const auto split = [&](const scalar_t* __restrict__ plane, acc* __restrict__ q) {
-          for (int64_t h = 0; h < H; ++h) {
-            const scalar_t* __restrict__ row = plane + h * W;
-            acc* __restrict__ even = q + (h % 2) * 2 * Q + (h / 2) * S;
-            acc* __restrict__ odd = even + Q;
-            for (int64_t i = 0; i < W / 2; ++i) {
-              even[i] = static_cast<acc>(row[2 * i]);
-              odd[i] = static_cast<acc>(row[2 * i + 1]);
-            }
-            if (W % 2 != 0) even[W / 2] = static_cast<acc>(row[W - 1]);
-          }
-        };
-        const auto merge = [&](const acc* __restrict__ q, scalar_t* __restrict__ plane) {
-          for (int64_t h = 0; h < H; ++h) {
-            scalar_t* __restrict__ row = plane + h * W;
-            const acc* __restrict__ even = q + (h % 2) * 2 * Q + (h / 2) * S;
-            const acc* __restrict__ odd = even + Q;
-            for (int64_t i = 0; i < W / 2; ++i) {
-              row[2 * i] = static_cast<scalar_t>(even[i]);
-              row[2 * i + 1] = static_cast<scalar_t>(odd[i]);
-            }
-            if (W % 2 != 0) row[W - 1] = static_cast<scalar_t>(even[W / 2]);
-          }
-        };
-        // sum <- the window sum of f over the ring's channels [c - lo, c + hi] ∩ [0, C), ascending.
-        const auto ring_window = [&](auto plane_of, int64_t c, int lo, int hi, auto f) {
-          const int64_t first = std::max<int64_t>(0, c - lo), last = std::min<int64_t>(C - 1, c + hi);
-          for (int64_t j = first; j <= last; ++j) window_planes[j - first] = plane_of(j);
-          sum_rows(sum, window_planes.data(), static_cast<int>(last - first + 1), QP, f);
-        };
+        const scalar_t* xn = x + n * C * P;
+        const auto tq = [&](int64_t c) { return t_ring.data() + (c % ring) * PP; };
+        const auto gq = [&](int64_t c) { return g_ring.data() + (c % ring) * PP; };
         const auto terms_of = [&](int64_t c) {
-          ring_window(xq, c, before, after, [](acc v) { return v * v; });
-          const acc* __restrict__ xc = xq(c);
+          const int64_t first = std::max<int64_t>(0, c - before), last = std::min<int64_t>(C - 1, c + after);
+          for (int64_t j = first; j <= last; ++j) x_planes[j - first] = xn + j * P;
+          sum_rows(sums.data(), x_planes.data(), static_cast<int>(last - first + 1), P, [](acc v) { return v * v; });
+          const scalar_t* xc = xn + c * P;
           acc* __restrict__ tc = tq(c);
           acc* __restrict__ gc = gq(c);
-          // The channel's pooled gradients and argmax at flat output indices;
-          // the columns past out_w match no window position.
-          const scalar_t* __restrict__ dyc = dy + (n * C + c) * out_plane;
-          const uint8_t* __restrict__ ac = argmax + (n * C + c) * out_plane;
-          lane* __restrict__ a = a_pad.data() + lead;
-          acc* __restrict__ d = d_pad.data() + lead;
-          for (int64_t oh = 0; oh < out_h; ++oh) {
-            widen_row(ac + oh * out_w, dyc + oh * out_w, a + oh * S, d + oh * S, out_w);
-            lane* __restrict__ a_out = a + oh * S;
-            acc* __restrict__ d_out = d + oh * S;
-            for (int64_t ow = out_w; ow < S; ++ow) {
-              a_out[ow] = lane(9);
-              d_out[ow] = acc(0);
-            }
-          }
-          if (sums_allow_sparse(sum, QP, coefs)) {
-            acc* __restrict__ t = t_pad.data() + lead;
-            acc* __restrict__ g_ip = g_pad.data() + lead;
-            // Window sum and x at each output's argmax (in t and g_ip), then its terms there.
-            for (int64_t i = 0; i < flat; ++i) t[i] = g_ip[i] = acc(0);
-            for (int off = 0; off < 9; ++off) take_at_argmax(t, g_ip, sum + shift[off], xc + shift[off], a, lane(off), flat);
-            terms_at_argmax(d, t, g_ip, flat, coefs);
-            spread_to_quarters(a, t, tc, S, Q);
-            spread_to_quarters(a, g_ip, gc, S, Q);
+          for (int64_t b = 0; b < P; ++b) tc[b] = gc[b] = acc(0);
+          argmax_positions(argmax + (n * C + c) * out_plane, dy + (n * C + c) * out_plane, window_start.data(),
+                           static_cast<int32_t>(W), pos.data(), d.data(), out_plane);
+          if (sums_allow_sparse(sums.data(), P, coefs)) {
+            terms_at_positions(pos.data(), d.data(), sums.data(), xc, t_at.data(), g_at.data(), out_plane, coefs);
+            scatter_add2(tc, gc, pos.data(), t_at.data(), g_at.data(), out_plane);
           } else {
-            spread_to_quarters(a, d, gc, S, Q);
-            dense_terms(sum, xc, gc, tc, QP, coefs);
+            scatter_add(gc, pos.data(), d.data(), out_plane);
+            dense_terms(sums.data(), xc, gc, tc, P, coefs);
           }
         };
         const auto grad_input_of = [&](int64_t c) {
-          ring_window(tq, c, after, before, [](acc v) { return v; });
-          grad_inputs(gq(c), xq(c), sum, dx_quarters.data(), QP, coefs);
-          merge(dx_quarters.data(), dx + (n * C + c) * P);
+          const int64_t first = std::max<int64_t>(0, c - after), last = std::min<int64_t>(C - 1, c + before);
+          for (int64_t j = first; j <= last; ++j) t_planes[j - first] = tq(j);
+          sum_rows(sum_t.data(), t_planes.data(), static_cast<int>(last - first + 1), P, [](acc v) { return v; });
+          grad_inputs(gq(c), xn + c * P, sum_t.data(), dx + (n * C + c) * P, P, coefs);
         };
-        const int64_t j0 = std::max<int64_t>(0, c0 - before - after);
-        for (int64_t j = j0; j - after - before < c1; ++j) {
-          if (j < C) split(x + (n * C + j) * P, xq(j));
-          const int64_t ct = j - after;
-          if (ct >= std::max<int64_t>(0, c0 - after) && ct < C) terms_of(ct);
-          const int64_t cd = j - after - before;
-          if (cd >= c0) grad_input_of(cd);
+        for (int64_t ct = std::max<int64_t>(0, c0 - after); ct < c1 + before; ++ct) {
+          if (ct < C) terms_of(ct);
+          if (ct - before >= c0) grad_input_of(ct - before);
         }
       });
     }
@@ -874,7 +815,7 @@ void lrn_max_pool2d_backward_cpu(const at::Tensor& dy, const at::Tensor& argmax,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     if (p.lrn.channels_last) backward_channels_last(dyp, ap, xp, dxp, p);
-    else if (whole_3x3s2_windows(p.pool)) backward_nchw_3x3s2(dyp, ap, xp, dxp, p);
+    else if (whole_3x3s2_windows(p.pool) && p.lrn.inner <= INT32_MAX) backward_nchw_3x3s2(dyp, ap, xp, dxp, p);
     else backward_nchw_bands(dyp, ap, xp, dxp, p);
   });
 }
