@@ -24,7 +24,7 @@
 // terms added back in output order (scalar), the dense passes read x and
 // write dx in place. channels_last (backward_channels_last): a
 // task is one image and a band of rows, vectorised along the channels in
-// the layout. Other NCHW windows (backward_nchw_bands): bands of rows in
+// the layout, the maxima found and gathered the same way. Other NCHW windows (backward_nchw_bands): bands of rows in
 // channel-major buffers. All hot loops are compiled for AVX-512/AVX2 where
 // the CPU has them (common/cpu_isa.h).
 #include <ATen/ATen.h>
@@ -85,6 +85,66 @@ bool whole_3x3s2_windows(const PoolGeometry& g) {
          2 * (g.out_w - 1) + 3 <= g.in_w;
 }
 
+// out[i] (+)= f(rows[0][i]) + ... + f(rows[R - 1][i]), added in that order
+// (onto 0 when kFirst): one pass, each sum kept in a register across the R
+// rows and stored once.
+template <int R, bool kFirst, typename acc, typename src_t, typename F>
+void add_rows(acc* __restrict__ out, const src_t* const* rows, int64_t n, F f) {
+  const src_t* __restrict__ row[R];
+  for (int r = 0; r < R; ++r) row[r] = rows[r];
+  for (int64_t i = 0; i < n; ++i) {
+    acc sum = kFirst ? acc(0) : out[i];
+    for (int r = 0; r < R; ++r) sum += f(static_cast<acc>(row[r][i]));
+    out[i] = sum;
+  }
+}
+
+// out[i] = sum of f(rows[r][i]) over r = 0 .. count - 1 (count >= 1) in
+// ascending r, for i in [0, n): up to four rows a pass.
+template <typename acc, typename src_t, typename F>
+void sum_rows(acc* __restrict__ out, const src_t* const* rows, int count, int64_t n, F f) {
+  for (int r = 0; r < count; r += 4) {
+    const auto pass = [&](auto first) {
+      constexpr bool kFirst = decltype(first)::value;
+      switch (std::min(4, count - r)) {
+        case 1: return add_rows<1, kFirst>(out, rows + r, n, f);
+        case 2: return add_rows<2, kFirst>(out, rows + r, n, f);
+        case 3: return add_rows<3, kFirst>(out, rows + r, n, f);
+        default: return add_rows<4, kFirst>(out, rows + r, n, f);
+      }
+    };
+    if (r == 0) pass(std::true_type{});
+    else pass(std::false_type{});
+  }
+}
+
+// Asks for the cache lines of [p, p + n) ahead of a pass that will read
+// them. The NCHW kernels read each input plane first in a
+// window sum, a short stream (a few 4 KiB pages, where the hardware
+// prefetcher starts over) that then waits on memory; fetched during the
+// previous plane's compute-bound work instead, it is in cache.
+template <typename T>
+void prefetch_lines(const T* p, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0, 3);
+}
+
+// Runs fn(i0, len) over [0, n) in blocks, asking before each block for
+// its share of the cache lines of next[0, next_n) (none when null): a
+// compute-bound pass hides the fetch of the data the next one reads.
+template <typename T, typename Fn>
+void blocks_with_prefetch(int64_t n, const T* next, int64_t next_n, Fn fn) {
+  constexpr int64_t kBlocks = 16;
+  if (n <= 0) return;
+  const int64_t block = std::max<int64_t>(1, (n + kBlocks * 16 - 1) / (kBlocks * 16)) * 16;  // whole vectors
+  const int64_t next_block = (next_n + (n + block - 1) / block - 1) / ((n + block - 1) / block);
+  for (int64_t b = 0, i0 = 0; i0 < n; ++b, i0 += block) {
+    if (next != nullptr && b * next_block < next_n)
+      prefetch_lines(next + b * next_block, std::min(next_block, next_n - b * next_block));
+    fn(i0, std::min(block, n - i0));
+  }
+}
+
 // NCHW forward. A task is one (n, c) plane: its LRN output is taken from
 // the input planes of channels c - before .. c + after directly (the whole
 // plane is one contiguous run of pixels, so the window sums vectorise and
@@ -121,6 +181,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
     std::vector<acc> plane(static_cast<size_t>(P));
     std::vector<acc> quarters(kWhole3x3s2 ? static_cast<size_t>(4 * quarter) : 0), best(kWhole3x3s2 ? flat : 0);
     std::vector<lane> best_off(kWhole3x3s2 ? flat : 0);
+    std::vector<const scalar_t*> x_planes(static_cast<size_t>(before + after + 1));
     with_cpu_isa([&] {
       acc* __restrict__ lrn_plane = plane.data();
       const auto load = [lrn_plane, W](int ih, int iw) { return lrn_plane[int64_t{ih} * W + iw]; };
@@ -129,18 +190,18 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
         const scalar_t* xn = x + n * C * P;
         const int64_t first = std::max<int64_t>(0, c - before), last = std::min<int64_t>(C - 1, c + after);
         // Window sums of squares in ascending channel order (the unfused LRN's).
-        for (int64_t b = 0; b < P; ++b) lrn_plane[b] = acc(0);
-        for (int64_t j = first; j <= last; ++j) {
-          const scalar_t* __restrict__ xj = xn + j * P;
-          for (int64_t b = 0; b < P; ++b) {
-            const acc v = static_cast<acc>(xj[b]);
-            lrn_plane[b] += v * v;
-          }
-        }
+        for (int64_t j = first; j <= last; ++j) x_planes[j - first] = xn + j * P;
+        sum_rows(lrn_plane, x_planes.data(), static_cast<int>(last - first + 1), P, [](acc v) { return v * v; });
+        // The square roots and divisions leave the memory idle: the next
+        // plane's new input plane (its window's last) is fetched meanwhile.
         const scalar_t* __restrict__ xc = xn + c * P;
-        for (int64_t b = 0; b < P; ++b)
-          lrn_plane[b] =
-              static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xc[b]), lrn_plane[b], coefs)));
+        const scalar_t* next_x = t + 1 < end && c + after + 1 < C ? xn + (c + after + 1) * P : nullptr;
+        blocks_with_prefetch(P, next_x, P, [&](int64_t b0, int64_t len) {
+          acc* __restrict__ out = lrn_plane + b0;
+          const scalar_t* __restrict__ xb = xc + b0;
+          for (int64_t b = 0; b < len; ++b)
+            out[b] = static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xb[b]), out[b], coefs)));
+        });
         scalar_t* __restrict__ yc = y + t * out_plane;
         uint8_t* __restrict__ ac = kSaveArgmax ? argmax + t * out_plane : nullptr;
         if (!kWhole3x3s2) {
@@ -195,39 +256,6 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
       }
     });
   });
-}
-
-// out[i] (+)= f(rows[0][i]) + ... + f(rows[R - 1][i]), added in that order
-// (onto 0 when kFirst): one pass, each sum kept in a register across the R
-// rows and stored once.
-template <int R, bool kFirst, typename acc, typename src_t, typename F>
-void add_rows(acc* __restrict__ out, const src_t* const* rows, int64_t n, F f) {
-  const src_t* __restrict__ row[R];
-  for (int r = 0; r < R; ++r) row[r] = rows[r];
-  for (int64_t i = 0; i < n; ++i) {
-    acc sum = kFirst ? acc(0) : out[i];
-    for (int r = 0; r < R; ++r) sum += f(static_cast<acc>(row[r][i]));
-    out[i] = sum;
-  }
-}
-
-// out[i] = sum of f(rows[r][i]) over r = 0 .. count - 1 (count >= 1) in
-// ascending r, for i in [0, n): up to four rows a pass.
-template <typename acc, typename src_t, typename F>
-void sum_rows(acc* __restrict__ out, const src_t* const* rows, int count, int64_t n, F f) {
-  for (int r = 0; r < count; r += 4) {
-    const auto pass = [&](auto first) {
-      constexpr bool kFirst = decltype(first)::value;
-      switch (std::min(4, count - r)) {
-        case 1: return add_rows<1, kFirst>(out, rows + r, n, f);
-        case 2: return add_rows<2, kFirst>(out, rows + r, n, f);
-        case 3: return add_rows<3, kFirst>(out, rows + r, n, f);
-        default: return add_rows<4, kFirst>(out, rows + r, n, f);
-      }
-    };
-    if (r == 0) pass(std::true_type{});
-    else pass(std::false_type{});
-  }
 }
 
 // Window offsets a channel window spans at most (the LRN size is checked
@@ -360,10 +388,10 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, uint8_t* argmax, cons
 // ---- Backward building blocks, shared by both layouts. ----
 //
 // Lanes are outputs of one channel (NCHW) or channels of one output pixel
-// (channels_last); a[i] is lane i's argmax offset, and one window position
-// `off` at a time, the element it names sits at the same index i of an
-// array shifted to that position. Each helper is one branch-free pass over
-// contiguous lanes, so it vectorises; a lane matches at most one position.
+// (channels_last): each lane's maximum is found by its index into the
+// plane or band, the values there gathered (vector gathers), the terms
+// computed for the lanes at once and added back in lane order (scalar:
+// lanes may share an element).
 
 // Whether the sparse backward equals the dense formula for these window
 // sums: t = 0 and g * s^-beta = 0 wherever g = 0 needs x finite and s > 0
@@ -375,40 +403,6 @@ bool sums_allow_sparse(const acc* __restrict__ sums, int64_t n, const Coefs<acc>
   int finite = 1;
   for (int64_t i = 0; i < n; ++i) finite &= static_cast<int>(sums[i] - sums[i] == acc(0));
   return finite != 0 && c.k > acc(0) && c.alpha_over_size >= acc(0);
-}
-
-// Gather for position `off`: (sa, xa)[i] = (sums, x)[i] where a[i] == off.
-template <typename acc, typename src_t, typename lane>
-void take_at_argmax(acc* __restrict__ sa, acc* __restrict__ xa, const acc* __restrict__ sums,
-                    const src_t* __restrict__ x, const lane* __restrict__ a, lane off, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc s = sums[i], v = static_cast<acc>(x[i]);  // loaded unconditionally: a select, not a branch
-    const bool hit = a[i] == off;
-    sa[i] = hit ? s : sa[i];
-    xa[i] = hit ? v : xa[i];
-  }
-}
-
-// The LRN backward's two per-element quantities at each output's argmax,
-// from its window sum (in: sa) and x (in: xa) and the pooled gradient:
-// sa <- t = dy * x * s^-beta / s, xa <- dy * s^-beta (lrn_math.h).
-template <typename acc>
-void terms_at_argmax(const acc* __restrict__ dy, acc* __restrict__ sa, acc* __restrict__ xa, int64_t n,
-                     const Coefs<acc>& c) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc base = lrn::denominator_base(sa[i], c);
-    const acc ip = lrn::inv_pow(base, c);
-    sa[i] = lrn::grad_term(dy[i], xa[i], ip, base);
-    xa[i] = dy[i] * ip;
-  }
-}
-
-// Scatter for position `off`: dst[i] += v[i] where a[i] == off (adding 0
-// elsewhere is exact). Called for outputs in ascending order, so an element
-// that is the argmax of several windows sums them in PyTorch's order.
-template <typename acc, typename lane>
-void add_at_argmax(acc* __restrict__ dst, const acc* __restrict__ v, const lane* __restrict__ a, lane off, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += a[i] == off ? v[i] : acc(0);
 }
 
 // Dense LRN backward first half, for d lrn_out = g everywhere (the path
@@ -430,6 +424,40 @@ template <typename acc, typename src_t, typename dst_t>
 void grad_inputs(const acc* __restrict__ g_ip, const src_t* __restrict__ x, const acc* __restrict__ sum_t,
                  dst_t* __restrict__ dx, int64_t n, const Coefs<acc>& c) {
   for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t[i], c));
+}
+
+// grad_inputs() with the window sum of t taken in the same pass:
+// sum_t[i] = 0 + rows[0][i] + ... + rows[R - 1][i] (ascending channels, as
+// sum_rows() adds them), never stored.
+template <int R, typename acc, typename src_t, typename dst_t>
+void grad_inputs_rows(const acc* __restrict__ g_ip, const src_t* __restrict__ x, const acc* const* rows,
+                      dst_t* __restrict__ dx, int64_t n, const Coefs<acc>& c) {
+  const acc* __restrict__ row[R];
+  for (int r = 0; r < R; ++r) row[r] = rows[r];
+  for (int64_t i = 0; i < n; ++i) {
+    acc sum_t = acc(0);
+    for (int r = 0; r < R; ++r) sum_t += row[r][i];
+    dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t, c));
+  }
+}
+
+// grad_inputs_rows() for any count >= 1 of rows (wide windows: the sums
+// into `scratch` first).
+template <typename acc, typename src_t, typename dst_t>
+void grad_inputs_window(const acc* g_ip, const src_t* x, const acc* const* rows, int count, dst_t* dx,
+                        acc* scratch, int64_t n, const Coefs<acc>& c) {
+  switch (count) {
+    case 1: return grad_inputs_rows<1>(g_ip, x, rows, dx, n, c);
+    case 2: return grad_inputs_rows<2>(g_ip, x, rows, dx, n, c);
+    case 3: return grad_inputs_rows<3>(g_ip, x, rows, dx, n, c);
+    case 4: return grad_inputs_rows<4>(g_ip, x, rows, dx, n, c);
+    case 5: return grad_inputs_rows<5>(g_ip, x, rows, dx, n, c);
+    case 6: return grad_inputs_rows<6>(g_ip, x, rows, dx, n, c);
+    case 7: return grad_inputs_rows<7>(g_ip, x, rows, dx, n, c);
+    default:
+      sum_rows(scratch, rows, count, n, [](acc v) { return v; });
+      grad_inputs(g_ip, x, scratch, dx, n, c);
+  }
 }
 
 // Where the maxima of whole 3x3 / stride 2 windows are: pos[i] = the flat
@@ -454,8 +482,8 @@ void argmax_positions(const uint8_t* __restrict__ a, const scalar_t* __restrict_
 // The LRN backward's two per-element quantities at each output's maximum,
 // from the window sum and x gathered there (vectorised gathers) and the
 // pooled gradient d: t = d * x * s^-beta / s and d * s^-beta (lrn_math.h).
-template <typename acc, typename src_t>
-void terms_at_positions(const int32_t* __restrict__ pos, const acc* __restrict__ d, const acc* __restrict__ sums,
+template <typename acc, typename src_t, typename idx_t>
+void terms_at_positions(const idx_t* __restrict__ pos, const acc* __restrict__ d, const acc* __restrict__ sums,
                         const src_t* __restrict__ x, acc* __restrict__ t, acc* __restrict__ g_ip, int64_t n,
                         const Coefs<acc>& c) {
   for (int64_t i = 0; i < n; ++i) {
@@ -469,12 +497,12 @@ void terms_at_positions(const int32_t* __restrict__ pos, const acc* __restrict__
 // dst[pos[i]] += v[i] (and dst2 with v2) in ascending i: an element that is
 // the maximum of several windows sums them in output order, as PyTorch's
 // pool backward does.
-template <typename acc>
-void scatter_add(acc* dst, const int32_t* pos, const acc* v, int64_t n) {
+template <typename acc, typename idx_t>
+void scatter_add(acc* dst, const idx_t* pos, const acc* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[pos[i]] += v[i];
 }
-template <typename acc>
-void scatter_add2(acc* dst, acc* dst2, const int32_t* pos, const acc* v, const acc* v2, int64_t n) {
+template <typename acc, typename idx_t>
+void scatter_add2(acc* dst, acc* dst2, const idx_t* pos, const acc* v, const acc* v2, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     dst[pos[i]] += v[i];
     dst2[pos[i]] += v2[i];
@@ -529,8 +557,9 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
         const auto gq = [&](int64_t c) { return g_ring.data() + (c % ring) * PP; };
         const auto terms_of = [&](int64_t c) {
           const int64_t first = std::max<int64_t>(0, c - before), last = std::min<int64_t>(C - 1, c + after);
+          const int count = static_cast<int>(last - first + 1);
           for (int64_t j = first; j <= last; ++j) x_planes[j - first] = xn + j * P;
-          sum_rows(sums.data(), x_planes.data(), static_cast<int>(last - first + 1), P, [](acc v) { return v * v; });
+          sum_rows(sums.data(), x_planes.data(), count, P, [](acc v) { return v * v; });
           const scalar_t* xc = xn + c * P;
           acc* __restrict__ tc = tq(c);
           acc* __restrict__ gc = gq(c);
@@ -547,9 +576,10 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
         };
         const auto grad_input_of = [&](int64_t c) {
           const int64_t first = std::max<int64_t>(0, c - after), last = std::min<int64_t>(C - 1, c + before);
+          const int count = static_cast<int>(last - first + 1);
+          scalar_t* dxc = dx + (n * C + c) * P;
           for (int64_t j = first; j <= last; ++j) t_planes[j - first] = tq(j);
-          sum_rows(sum_t.data(), t_planes.data(), static_cast<int>(last - first + 1), P, [](acc v) { return v; });
-          grad_inputs(gq(c), xn + c * P, sum_t.data(), dx + (n * C + c) * P, P, coefs);
+          grad_inputs_window(gq(c), xn + c * P, t_planes.data(), count, dxc, sum_t.data(), P, coefs);
         };
         for (int64_t ct = std::max<int64_t>(0, c0 - after); ct < c1 + before; ++ct) {
           if (ct < C) terms_of(ct);
@@ -560,33 +590,55 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
   });
 }
 
+// One output pixel's C channels in a channels_last band (band rows
+// [h0, h0 + rows) of W pixels; rows [h_lo, h_hi) of them inside the
+// image): idx[c] = the band index of channel c's maximum, where it lies in
+// the band, and d[c] its pooled gradient; elsewhere idx[c] = c, d[c] = 0,
+// adding nothing (a maximum outside the band is another band's; an offset
+// outside the window, a corrupted argmax, nobody's). The window row of
+// offset a is a / kw taken as (a + 0.5) * (1 / kw) in float (exact: a and
+// kw are at most 256, so the product is at least 0.5 / kw from an integer
+// and its rounding error far smaller), with non-short-circuit tests, so
+// the loop vectorises.
+template <typename idx_t, typename acc, typename scalar_t>
+void channels_last_positions(const uint8_t* __restrict__ a, const scalar_t* __restrict__ dy, int32_t kw,
+                             int32_t window, float inv_kw, int32_t hs, int32_t ws, int32_t h_lo, int32_t h_hi,
+                             int32_t h0, int32_t W, idx_t* __restrict__ idx, acc* __restrict__ d, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int32_t off = a[c];
+    const int32_t dh = static_cast<int32_t>((static_cast<float>(off) + 0.5f) * inv_kw), dw = off - dh * kw;
+    const int32_t r = hs + dh, q = ws + dw;
+    const bool inside = (off < window) & (r >= h_lo) & (r < h_hi) & (q >= 0) & (q < W);
+    idx[c] = inside ? (idx_t(r - h0) * W + q) * idx_t(C) + idx_t(c) : idx_t(c);
+    d[c] = inside ? static_cast<acc>(dy[c]) : acc(0);
+  }
+}
+
 // channels_last backward, any window. A task is one image and a band of
 // input rows [h0, h1) (each dx element has one writer); everything stays in
 // the layout, vectorised along the contiguous channels as the forward is:
-// the band's window sums of squares, then for every output whose window
-// reaches into the band (ascending) a select pass per window position over
-// its C channels gathers the window sum and x at the argmax, the terms are
-// computed there only, and a select pass per position adds them back; then
-// the window sums of the terms and dx, written straight into the band's dx
-// rows. Positions outside the band are skipped (their elements are another
-// band's). A band whose sums are not all finite takes the dense formula.
-template <typename scalar_t>
-void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
-                            const LrnPoolParams& p) {
+// the band's window sums of squares; then, for every output whose window
+// reaches into the band (ascending), the band index of each channel's
+// maximum, the window sum and x gathered there, the two terms computed
+// there only and added into zeroed band buffers (in output order, as
+// PyTorch's pool backward adds them); then the window sums of the terms and
+// dx, written straight into the band's dx rows. A band whose sums are not
+// all finite takes the dense formula (d lrn_out scattered, then every
+// element).
+template <typename scalar_t, typename idx_t>
+void backward_channels_last_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                                 const LrnPoolParams& p, int64_t rows) {
   using acc = at::opmath_type<scalar_t>;
-  using lane = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;  // mask width of acc
   const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
   const PoolGeometry& g = p.pool;
   const int64_t N = p.lrn.outer, C = p.lrn.channels, H = g.in_h, W = g.in_w;
   const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
-  const int64_t rows_fit = std::max<int64_t>(1, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
-  const int64_t min_bands = (at::get_num_threads() + N - 1) / N;  // enough tasks for every thread
-  const int64_t bands = std::min<int64_t>(H, std::max<int64_t>(min_bands, (H + rows_fit - 1) / rows_fit));
-  const int64_t rows = (H + bands - 1) / bands;
+  const int64_t bands = (H + rows - 1) / rows;
   const int64_t in_image = C * H * W, out_image = C * g.out_h * g.out_w;
+  const float inv_kw = 1.0f / static_cast<float>(g.kw);
   at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> sums, terms, g_ip, dy_at(static_cast<size_t>(C)), sa(dy_at.size()), xa(dy_at.size());
-    std::vector<lane> a_at(static_cast<size_t>(C));
+    std::vector<acc> sums, terms, g_ip, d(static_cast<size_t>(C)), t_at(d.size()), g_at(d.size());
+    std::vector<idx_t> idx(static_cast<size_t>(C));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands;
       const int h0 = static_cast<int>((task % bands) * rows), h1 = static_cast<int>(std::min<int64_t>(H, h0 + rows));
@@ -607,38 +659,18 @@ void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const sca
         acc* __restrict__ gb = g_ip.data();
         channels_last_window_sums(xs, sum, E / C, C, before, after, [](acc v) { return v * v; });
         const bool sparse = sums_allow_sparse(sum, E, coefs);
-        lane* __restrict__ a = a_at.data();
-        acc* __restrict__ d = dy_at.data();
         for (int oh = oh_lo; oh <= oh_hi; ++oh) {
           const int hs = pool::window_start(oh, g.sh, g.ph);
-          const int ih_lo = ax_max(ax_max(hs, 0), h0), ih_hi = ax_min(ax_min(hs + g.kh, g.in_h), h1);
-          if (ih_lo >= ih_hi) continue;
           for (int ow = 0; ow < g.out_w; ++ow) {
-            const int ws = pool::window_start(ow, g.sw, g.pw);
-            const int iw_lo = ax_max(ws, 0), iw_hi = ax_min(ws + g.kw, g.in_w);
             const int64_t o = (int64_t{oh} * g.out_w + ow) * C;
-            for (int64_t c = 0; c < C; ++c) {
-              a[c] = an[o + c];
-              d[c] = static_cast<acc>(dyn[o + c]);
-            }
-            // Each window position inside the band: its element offset in the band and its code.
-            const auto for_positions = [&](auto fn) {
-              for (int ih = ih_lo; ih < ih_hi; ++ih)
-                for (int iw = iw_lo; iw < iw_hi; ++iw)
-                  fn((int64_t{ih - h0} * W + iw) * C, lane(pool::encode_offset(ih - hs, iw - ws, g.kw)));
-            };
+            channels_last_positions(an + o, dyn + o, g.kw, g.kh * g.kw, inv_kw, hs, pool::window_start(ow, g.sw, g.pw),
+                                    ax_max(h0, 0), ax_min(h1, g.in_h), h0, static_cast<int32_t>(W), idx.data(),
+                                    d.data(), C);
             if (sparse) {
-              acc* __restrict__ s_at = sa.data();
-              acc* __restrict__ x_at = xa.data();
-              for (int64_t c = 0; c < C; ++c) s_at[c] = x_at[c] = acc(0);
-              for_positions([&](int64_t e, lane off) { take_at_argmax(s_at, x_at, sum + e, xs + e, a, off, C); });
-              terms_at_argmax(d, s_at, x_at, C, coefs);
-              for_positions([&](int64_t e, lane off) {
-                add_at_argmax(tb + e, s_at, a, off, C);
-                add_at_argmax(gb + e, x_at, a, off, C);
-              });
+              terms_at_positions(idx.data(), d.data(), sum, xs, t_at.data(), g_at.data(), C, coefs);
+              scatter_add2(tb, gb, idx.data(), t_at.data(), g_at.data(), C);
             } else {
-              for_positions([&](int64_t e, lane off) { add_at_argmax(gb + e, d, a, off, C); });
+              scatter_add(gb, idx.data(), d.data(), C);
             }
           }
         }
@@ -648,6 +680,20 @@ void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const sca
       });
     }
   });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                            const LrnPoolParams& p) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t N = p.lrn.outer, C = p.lrn.channels, H = p.pool.in_h, W = p.pool.in_w;
+  // Bands of rows whose buffers stay in L2, and enough tasks for every thread.
+  const int64_t rows_fit = std::max<int64_t>(1, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
+  const int64_t min_bands = (at::get_num_threads() + N - 1) / N;
+  const int64_t bands = std::min<int64_t>(H, std::max<int64_t>(min_bands, (H + rows_fit - 1) / rows_fit));
+  const int64_t rows = (H + bands - 1) / bands;
+  if (rows * W * C <= INT32_MAX) backward_channels_last_impl<scalar_t, int32_t>(dy, argmax, x, dx, p, rows);
+  else backward_channels_last_impl<scalar_t, int64_t>(dy, argmax, x, dx, p, rows);
 }
 
 // NCHW backward, any window (the 3x3 / stride 2 one has backward_nchw_3x3s2):
