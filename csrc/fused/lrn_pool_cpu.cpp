@@ -36,6 +36,9 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#ifdef AX_HAVE_ISA_VARIANTS
+#include <immintrin.h>
+#endif
 #include "fused/lrn_pool_cpu.h"
 
 namespace alexnet_ext {
@@ -460,6 +463,36 @@ void grad_inputs_window(const acc* g_ip, const src_t* x, const acc* const* rows,
   }
 }
 
+#ifdef AX_HAVE_ISA_VARIANTS
+// grad_inputs_rows<R>() for float on AVX-512 with non-temporal stores of
+// dx: dx is written once and read much later (by the layer below's
+// backward), so its lines go to memory without being read for ownership
+// first (a third less traffic for that stream; it measured faster at one
+// and two threads). The caller fences (store_fence()) before dx is read
+// elsewhere.
+template <int R>
+__attribute__((target("avx512f"))) void grad_inputs_streamed(const float* g_ip, const float* x,
+                                                             const float* const* rows, float* dx, int64_t n,
+                                                             float coef) {
+  const auto one = [&](int64_t i) {
+    float sum_t = 0.0f;
+    for (int r = 0; r < R; ++r) sum_t += rows[r][i];
+    dx[i] = g_ip[i] - coef * x[i] * sum_t;
+  };
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dx + i) & 63) != 0; ++i) one(i);
+  const __m512 c = _mm512_set1_ps(coef);
+  for (; i + 16 <= n; i += 16) {
+    __m512 sum_t = _mm512_loadu_ps(rows[0] + i);
+    for (int r = 1; r < R; ++r) sum_t = _mm512_add_ps(sum_t, _mm512_loadu_ps(rows[r] + i));
+    const __m512 cx = _mm512_mul_ps(c, _mm512_loadu_ps(x + i));
+    _mm512_stream_ps(dx + i, _mm512_fnmadd_ps(cx, sum_t, _mm512_loadu_ps(g_ip + i)));
+  }
+  for (; i < n; ++i) one(i);
+}
+inline void store_fence() { _mm_sfence(); }
+#endif
+
 // Where the maxima of whole 3x3 / stride 2 windows are: pos[i] = the flat
 // plane index of output i's maximum (its window's first element
 // window_start[i] plus the argmax offset a = 3 * dh + dw; dh = a / 3 taken
@@ -541,6 +574,7 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
   // Channel ranges: enough tasks for every thread (halo recompute: the terms of `after` channels).
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N));
   const int64_t chunk = (C + chunks - 1) / chunks;
+  const bool stream_dx = cpu_isa() == CpuIsa::kAvx512;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> t_ring(static_cast<size_t>(ring * PP)), g_ring(t_ring.size()), sums(static_cast<size_t>(PP)),
         sum_t(sums.size()), d(static_cast<size_t>(out_plane)), t_at(d.size()), g_at(d.size());
@@ -579,6 +613,12 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
           const int count = static_cast<int>(last - first + 1);
           scalar_t* dxc = dx + (n * C + c) * P;
           for (int64_t j = first; j <= last; ++j) t_planes[j - first] = tq(j);
+#ifdef AX_HAVE_ISA_VARIANTS
+          if constexpr (std::is_same<scalar_t, float>::value) {
+            if (stream_dx && count == 5)
+              return grad_inputs_streamed<5>(gq(c), xn + c * P, t_planes.data(), dxc, P, coefs.grad_coef);
+          }
+#endif
           grad_inputs_window(gq(c), xn + c * P, t_planes.data(), count, dxc, sum_t.data(), P, coefs);
         };
         for (int64_t ct = std::max<int64_t>(0, c0 - after); ct < c1 + before; ++ct) {
@@ -587,6 +627,9 @@ void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar
         }
       });
     }
+#ifdef AX_HAVE_ISA_VARIANTS
+    if (stream_dx) store_fence();  // the streamed dx is complete before parallel_for returns
+#endif
   });
 }
 
@@ -636,6 +679,7 @@ void backward_channels_last_impl(const scalar_t* dy, const uint8_t* argmax, cons
   const int64_t bands = (H + rows - 1) / rows;
   const int64_t in_image = C * H * W, out_image = C * g.out_h * g.out_w;
   const float inv_kw = 1.0f / static_cast<float>(g.kw);
+  const bool stream_dx = cpu_isa() == CpuIsa::kAvx512;
   at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> sums, terms, g_ip, d(static_cast<size_t>(C)), t_at(d.size()), g_at(d.size());
     std::vector<idx_t> idx(static_cast<size_t>(C));
@@ -676,9 +720,21 @@ void backward_channels_last_impl(const scalar_t* dy, const uint8_t* argmax, cons
         }
         if (!sparse) dense_terms(sum, xs, gb, tb, E, coefs);
         channels_last_window_sums(tb, sum, E / C, C, after, before, [](acc v) { return v; });
-        grad_inputs(gb, xs, sum, dx + n * in_image + int64_t{h0} * W * C, E, coefs);
+        scalar_t* dx_band = dx + n * in_image + int64_t{h0} * W * C;
+#ifdef AX_HAVE_ISA_VARIANTS
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (stream_dx) {
+            const float* sum_rows_1[1] = {sum};
+            return grad_inputs_streamed<1>(gb, xs, sum_rows_1, dx_band, E, coefs.grad_coef);
+          }
+        }
+#endif
+        grad_inputs(gb, xs, sum, dx_band, E, coefs);
       });
     }
+#ifdef AX_HAVE_ISA_VARIANTS
+    if (stream_dx) store_fence();  // the streamed dx is complete before parallel_for returns
+#endif
   });
 }
 
