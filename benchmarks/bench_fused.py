@@ -250,6 +250,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = args.device
     report = harness.Report("fused", args, title="Fused LRN + max-pool 3x3/2 against the two operators")
+    load_at_start = os.getloadavg()  # a shared machine's other work slows every row, the model step most
     if device != "cuda":
         report.note("No GPU visible: CPU rows only; every CUDA row was skipped (GPU numbers unmeasured).")
     copy_gbs = harness.copy_bandwidth_gbs(device)
@@ -291,6 +292,9 @@ def main(argv=None):
                 f"{torch.get_num_threads()}): " + "; ".join(verdicts))
     if not args.no_model:
         bench_model_step(report, args, device)
+    report.note("Load average (1, 5, 15 min) at the start: " + ", ".join(f"{v:.2f}" for v in load_at_start)
+                + "; at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+                + f" (on {os.cpu_count()} CPUs; above 0.5 other work shared the cores).")
     report.write(plot=("shape", "frac_copy_bw", "impl") if device == "cuda" else ("shape", "ms", "impl"))
 
 
