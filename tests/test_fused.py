@@ -301,3 +301,45 @@ def test_backward_checks_its_arguments():
         _ops.lrn_max_pool2d_backward(dy, argmax[:, :2], x, *args)
     with pytest.raises(RuntimeError, match="grad_output"):
         _ops.lrn_max_pool2d_backward(dy.double(), argmax, x, *args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("window", [(3, 2), (2, 1)])  # NCHW: the 3x3/2 gather path and the generic one
+def test_backward_rejects_offsets_outside_the_window(layout, window):
+    # The CPU backward indexes x, its window sums and dx by each output's
+    # argmax offset: an offset past the window (a corrupted argmax) is
+    # refused by name before any kernel runs.
+    kernel, stride = window
+    x = random_input((2, 7, 11, 13), torch.float64, "cpu", layout, scale=2.0)
+    args = (5, 0.5, 0.75, 1.5, [kernel, kernel], [stride, stride], [0, 0], False)
+    _, argmax = _ops.lrn_max_pool2d_forward(x, *args, True)
+    dy = random_input(argmax.shape, torch.float64, "cpu", layout)
+    for bad in (kernel * kernel, 255):
+        corrupted = argmax.clone()
+        corrupted[1, 3, 1, 2] = bad
+        with pytest.raises(RuntimeError, match="argmax"):
+            _ops.lrn_max_pool2d_backward(dy, corrupted, x, *args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("window", [(3, 2, 0, False), (3, 2, 1, True), (2, 1, 0, False)])
+def test_cpu_band_seams_with_ties_and_nan(layout, window):
+    # One image over 3 threads: channels_last splits it into bands of rows
+    # whose seams cut pooling windows, NCHW 3x3/2 into channel ranges. Tied
+    # maxima (rounded values repeat) and NaN (non-finite sums: the dense
+    # formula) across those seams: values, argmax and gradients equal
+    # PyTorch's pair.
+    x = torch.randint(-2, 3, (1, 9, 17, 15), dtype=torch.float64)
+    x[0, 4, 8, 7] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        _, ours = fused_indices(x, 5, *window)
+        _, ref = F.max_pool2d(F.local_response_norm(x, 5, **HP), *window[:2], padding=window[2], ceil_mode=window[3],
+                              return_indices=True)
+        assert torch.equal(ours, ref)
+        check_against_reference(lambda t: fused(t, 5, *window), lambda t: torch_pair(t, 5, *window),
+                                [x.clone().requires_grad_()], torch.float64)
+    finally:
+        torch.set_num_threads(saved)

@@ -19,11 +19,12 @@
 // are not all finite (or k = 0, alpha < 0) the dense formula runs instead,
 // so NaN and inf spread exactly as through the unfused pair. Each dx
 // element has one writer. NCHW 3x3 / stride 2 (backward_nchw_3x3s2): a task
-// walks one image's channels over planes split by row and column parity,
-// as the forward does, so the gathers and scatters at the argmax are
-// unit-stride select passes. channels_last (backward_channels_last): a
+// walks one image's channels in the planes' own layout: each output's
+// window sum and x are gathered at its maximum (vector gathers), its two
+// terms added back in output order (scalar), the dense passes read x and
+// write dx in place. channels_last (backward_channels_last): a
 // task is one image and a band of rows, vectorised along the channels in
-// the layout. Other NCHW windows (backward_nchw_bands): bands of rows in
+// the layout, the maxima found and gathered the same way. Other NCHW windows (backward_nchw_bands): bands of rows in
 // channel-major buffers. All hot loops are compiled for AVX-512/AVX2 where
 // the CPU has them (common/cpu_isa.h).
 #include <ATen/ATen.h>
@@ -35,6 +36,9 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#ifdef AX_HAVE_ISA_VARIANTS
+#include <immintrin.h>
+#endif
 #include "fused/lrn_pool_cpu.h"
 
 namespace alexnet_ext {
@@ -84,6 +88,66 @@ bool whole_3x3s2_windows(const PoolGeometry& g) {
          2 * (g.out_w - 1) + 3 <= g.in_w;
 }
 
+// out[i] (+)= f(rows[0][i]) + ... + f(rows[R - 1][i]), added in that order
+// (onto 0 when kFirst): one pass, each sum kept in a register across the R
+// rows and stored once.
+template <int R, bool kFirst, typename acc, typename src_t, typename F>
+void add_rows(acc* __restrict__ out, const src_t* const* rows, int64_t n, F f) {
+  const src_t* __restrict__ row[R];
+  for (int r = 0; r < R; ++r) row[r] = rows[r];
+  for (int64_t i = 0; i < n; ++i) {
+    acc sum = kFirst ? acc(0) : out[i];
+    for (int r = 0; r < R; ++r) sum += f(static_cast<acc>(row[r][i]));
+    out[i] = sum;
+  }
+}
+
+// out[i] = sum of f(rows[r][i]) over r = 0 .. count - 1 (count >= 1) in
+// ascending r, for i in [0, n): up to four rows a pass.
+template <typename acc, typename src_t, typename F>
+void sum_rows(acc* __restrict__ out, const src_t* const* rows, int count, int64_t n, F f) {
+  for (int r = 0; r < count; r += 4) {
+    const auto pass = [&](auto first) {
+      constexpr bool kFirst = decltype(first)::value;
+      switch (std::min(4, count - r)) {
+        case 1: return add_rows<1, kFirst>(out, rows + r, n, f);
+        case 2: return add_rows<2, kFirst>(out, rows + r, n, f);
+        case 3: return add_rows<3, kFirst>(out, rows + r, n, f);
+        default: return add_rows<4, kFirst>(out, rows + r, n, f);
+      }
+    };
+    if (r == 0) pass(std::true_type{});
+    else pass(std::false_type{});
+  }
+}
+
+// Asks for the cache lines of [p, p + n) ahead of a pass that will read
+// them. The NCHW kernels read each input plane first in a
+// window sum, a short stream (a few 4 KiB pages, where the hardware
+// prefetcher starts over) that then waits on memory; fetched during the
+// previous plane's compute-bound work instead, it is in cache.
+template <typename T>
+void prefetch_lines(const T* p, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0, 3);
+}
+
+// Runs fn(i0, len) over [0, n) in blocks, asking before each block for
+// its share of the cache lines of next[0, next_n) (none when null): a
+// compute-bound pass hides the fetch of the data the next one reads.
+template <typename T, typename Fn>
+void blocks_with_prefetch(int64_t n, const T* next, int64_t next_n, Fn fn) {
+  constexpr int64_t kBlocks = 16;
+  if (n <= 0) return;
+  const int64_t block = std::max<int64_t>(1, (n + kBlocks * 16 - 1) / (kBlocks * 16)) * 16;  // whole vectors
+  const int64_t next_block = (next_n + (n + block - 1) / block - 1) / ((n + block - 1) / block);
+  for (int64_t b = 0, i0 = 0; i0 < n; ++b, i0 += block) {
+    if (next != nullptr && b * next_block < next_n)
+      prefetch_lines(next + b * next_block, std::min(next_block, next_n - b * next_block));
+    fn(i0, std::min(block, n - i0));
+  }
+}
+
 // NCHW forward. A task is one (n, c) plane: its LRN output is taken from
 // the input planes of channels c - before .. c + after directly (the whole
 // plane is one contiguous run of pixels, so the window sums vectorise and
@@ -120,6 +184,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
     std::vector<acc> plane(static_cast<size_t>(P));
     std::vector<acc> quarters(kWhole3x3s2 ? static_cast<size_t>(4 * quarter) : 0), best(kWhole3x3s2 ? flat : 0);
     std::vector<lane> best_off(kWhole3x3s2 ? flat : 0);
+    std::vector<const scalar_t*> x_planes(static_cast<size_t>(before + after + 1));
     with_cpu_isa([&] {
       acc* __restrict__ lrn_plane = plane.data();
       const auto load = [lrn_plane, W](int ih, int iw) { return lrn_plane[int64_t{ih} * W + iw]; };
@@ -128,18 +193,18 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
         const scalar_t* xn = x + n * C * P;
         const int64_t first = std::max<int64_t>(0, c - before), last = std::min<int64_t>(C - 1, c + after);
         // Window sums of squares in ascending channel order (the unfused LRN's).
-        for (int64_t b = 0; b < P; ++b) lrn_plane[b] = acc(0);
-        for (int64_t j = first; j <= last; ++j) {
-          const scalar_t* __restrict__ xj = xn + j * P;
-          for (int64_t b = 0; b < P; ++b) {
-            const acc v = static_cast<acc>(xj[b]);
-            lrn_plane[b] += v * v;
-          }
-        }
+        for (int64_t j = first; j <= last; ++j) x_planes[j - first] = xn + j * P;
+        sum_rows(lrn_plane, x_planes.data(), static_cast<int>(last - first + 1), P, [](acc v) { return v * v; });
+        // The square roots and divisions leave the memory idle: the next
+        // plane's new input plane (its window's last) is fetched meanwhile.
         const scalar_t* __restrict__ xc = xn + c * P;
-        for (int64_t b = 0; b < P; ++b)
-          lrn_plane[b] =
-              static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xc[b]), lrn_plane[b], coefs)));
+        const scalar_t* next_x = t + 1 < end && c + after + 1 < C ? xn + (c + after + 1) * P : nullptr;
+        blocks_with_prefetch(P, next_x, P, [&](int64_t b0, int64_t len) {
+          acc* __restrict__ out = lrn_plane + b0;
+          const scalar_t* __restrict__ xb = xc + b0;
+          for (int64_t b = 0; b < len; ++b)
+            out[b] = static_cast<acc>(static_cast<scalar_t>(lrn_output(static_cast<acc>(xb[b]), out[b], coefs)));
+        });
         scalar_t* __restrict__ yc = y + t * out_plane;
         uint8_t* __restrict__ ac = kSaveArgmax ? argmax + t * out_plane : nullptr;
         if (!kWhole3x3s2) {
@@ -194,39 +259,6 @@ void forward_nchw(const scalar_t* x, scalar_t* y, uint8_t* argmax, const LrnPool
       }
     });
   });
-}
-
-// out[i] (+)= f(rows[0][i]) + ... + f(rows[R - 1][i]), added in that order
-// (onto 0 when kFirst): one pass, each sum kept in a register across the R
-// rows and stored once.
-template <int R, bool kFirst, typename acc, typename src_t, typename F>
-void add_rows(acc* __restrict__ out, const src_t* const* rows, int64_t n, F f) {
-  const src_t* __restrict__ row[R];
-  for (int r = 0; r < R; ++r) row[r] = rows[r];
-  for (int64_t i = 0; i < n; ++i) {
-    acc sum = kFirst ? acc(0) : out[i];
-    for (int r = 0; r < R; ++r) sum += f(static_cast<acc>(row[r][i]));
-    out[i] = sum;
-  }
-}
-
-// out[i] = sum of f(rows[r][i]) over r = 0 .. count - 1 (count >= 1) in
-// ascending r, for i in [0, n): up to four rows a pass.
-template <typename acc, typename src_t, typename F>
-void sum_rows(acc* __restrict__ out, const src_t* const* rows, int count, int64_t n, F f) {
-  for (int r = 0; r < count; r += 4) {
-    const auto pass = [&](auto first) {
-      constexpr bool kFirst = decltype(first)::value;
-      switch (std::min(4, count - r)) {
-        case 1: return add_rows<1, kFirst>(out, rows + r, n, f);
-        case 2: return add_rows<2, kFirst>(out, rows + r, n, f);
-        case 3: return add_rows<3, kFirst>(out, rows + r, n, f);
-        default: return add_rows<4, kFirst>(out, rows + r, n, f);
-      }
-    };
-    if (r == 0) pass(std::true_type{});
-    else pass(std::false_type{});
-  }
 }
 
 // Window offsets a channel window spans at most (the LRN size is checked
@@ -359,10 +391,10 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, uint8_t* argmax, cons
 // ---- Backward building blocks, shared by both layouts. ----
 //
 // Lanes are outputs of one channel (NCHW) or channels of one output pixel
-// (channels_last); a[i] is lane i's argmax offset, and one window position
-// `off` at a time, the element it names sits at the same index i of an
-// array shifted to that position. Each helper is one branch-free pass over
-// contiguous lanes, so it vectorises; a lane matches at most one position.
+// (channels_last): each lane's maximum is found by its index into the
+// plane or band, the values there gathered (vector gathers), the terms
+// computed for the lanes at once and added back in lane order (scalar:
+// lanes may share an element).
 
 // Whether the sparse backward equals the dense formula for these window
 // sums: t = 0 and g * s^-beta = 0 wherever g = 0 needs x finite and s > 0
@@ -374,40 +406,6 @@ bool sums_allow_sparse(const acc* __restrict__ sums, int64_t n, const Coefs<acc>
   int finite = 1;
   for (int64_t i = 0; i < n; ++i) finite &= static_cast<int>(sums[i] - sums[i] == acc(0));
   return finite != 0 && c.k > acc(0) && c.alpha_over_size >= acc(0);
-}
-
-// Gather for position `off`: (sa, xa)[i] = (sums, x)[i] where a[i] == off.
-template <typename acc, typename src_t, typename lane>
-void take_at_argmax(acc* __restrict__ sa, acc* __restrict__ xa, const acc* __restrict__ sums,
-                    const src_t* __restrict__ x, const lane* __restrict__ a, lane off, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc s = sums[i], v = static_cast<acc>(x[i]);  // loaded unconditionally: a select, not a branch
-    const bool hit = a[i] == off;
-    sa[i] = hit ? s : sa[i];
-    xa[i] = hit ? v : xa[i];
-  }
-}
-
-// The LRN backward's two per-element quantities at each output's argmax,
-// from its window sum (in: sa) and x (in: xa) and the pooled gradient:
-// sa <- t = dy * x * s^-beta / s, xa <- dy * s^-beta (lrn_math.h).
-template <typename acc>
-void terms_at_argmax(const acc* __restrict__ dy, acc* __restrict__ sa, acc* __restrict__ xa, int64_t n,
-                     const Coefs<acc>& c) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc base = lrn::denominator_base(sa[i], c);
-    const acc ip = lrn::inv_pow(base, c);
-    sa[i] = lrn::grad_term(dy[i], xa[i], ip, base);
-    xa[i] = dy[i] * ip;
-  }
-}
-
-// Scatter for position `off`: dst[i] += v[i] where a[i] == off (adding 0
-// elsewhere is exact). Called for outputs in ascending order, so an element
-// that is the argmax of several windows sums them in PyTorch's order.
-template <typename acc, typename lane>
-void add_at_argmax(acc* __restrict__ dst, const acc* __restrict__ v, const lane* __restrict__ a, lane off, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += a[i] == off ? v[i] : acc(0);
 }
 
 // Dense LRN backward first half, for d lrn_out = g everywhere (the path
@@ -431,221 +429,260 @@ void grad_inputs(const acc* __restrict__ g_ip, const src_t* __restrict__ x, cons
   for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t[i], c));
 }
 
-// One row of argmax offsets and pooled gradients, widened to the lane and
-// accumulation types (a function: its restrict parameters let it vectorise).
-template <typename lane, typename acc, typename scalar_t>
-void widen_row(const uint8_t* __restrict__ a_in, const scalar_t* __restrict__ dy_in, lane* __restrict__ a_out,
-               acc* __restrict__ dy_out, int64_t n) {
+// grad_inputs() with the window sum of t taken in the same pass:
+// sum_t[i] = 0 + rows[0][i] + ... + rows[R - 1][i] (ascending channels, as
+// sum_rows() adds them), never stored.
+template <int R, typename acc, typename src_t, typename dst_t>
+void grad_inputs_rows(const acc* __restrict__ g_ip, const src_t* __restrict__ x, const acc* const* rows,
+                      dst_t* __restrict__ dx, int64_t n, const Coefs<acc>& c) {
+  const acc* __restrict__ row[R];
+  for (int r = 0; r < R; ++r) row[r] = rows[r];
   for (int64_t i = 0; i < n; ++i) {
-    a_out[i] = a_in[i];
-    dy_out[i] = static_cast<acc>(dy_in[i]);
+    acc sum_t = acc(0);
+    for (int r = 0; r < R; ++r) sum_t += row[r][i];
+    dx[i] = static_cast<dst_t>(lrn::grad_input(g_ip[i], static_cast<acc>(x[i]), sum_t, c));
   }
 }
 
-// One quarter's elements k from the outputs whose window reaches them:
-// out[k] = 0 + sum over r of (a[k - delta[r]] == off[r] ? v[k - delta[r]] : 0),
-// r in ascending output order (PyTorch's accumulation order); a and v are
-// readable `lead` before index 0. Each element written once, no zeroing.
-template <int R, typename acc, typename lane>
-void spread_to_quarter(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ out, const int (&off)[R],
-                       const int64_t (&delta)[R], int64_t n) {
-  int64_t back[R];  // offsets from the restrict-qualified bases: no run-time alias checks
-  for (int r = 0; r < R; ++r) back[r] = delta[r];
-  for (int64_t k = 0; k < n; ++k) {
-    acc sum = acc(0);
-    for (int r = 0; r < R; ++r) {
-      const acc v_r = v[k - back[r]];
-      sum += a[k - back[r]] == lane(off[r]) ? v_r : acc(0);
-    }
-    out[k] = sum;
+// grad_inputs_rows() for any count >= 1 of rows (wide windows: the sums
+// into `scratch` first).
+template <typename acc, typename src_t, typename dst_t>
+void grad_inputs_window(const acc* g_ip, const src_t* x, const acc* const* rows, int count, dst_t* dx,
+                        acc* scratch, int64_t n, const Coefs<acc>& c) {
+  switch (count) {
+    case 1: return grad_inputs_rows<1>(g_ip, x, rows, dx, n, c);
+    case 2: return grad_inputs_rows<2>(g_ip, x, rows, dx, n, c);
+    case 3: return grad_inputs_rows<3>(g_ip, x, rows, dx, n, c);
+    case 4: return grad_inputs_rows<4>(g_ip, x, rows, dx, n, c);
+    case 5: return grad_inputs_rows<5>(g_ip, x, rows, dx, n, c);
+    case 6: return grad_inputs_rows<6>(g_ip, x, rows, dx, n, c);
+    case 7: return grad_inputs_rows<7>(g_ip, x, rows, dx, n, c);
+    default:
+      sum_rows(scratch, rows, count, n, [](acc v) { return v; });
+      grad_inputs(g_ip, x, scratch, dx, n, c);
   }
 }
 
-// The pool's backward scatter of per-output values v through the argmax a
-// into the four quarters (Q apart) of a plane split by parity, as a gather:
-// quarter (row parity, column parity) element k is reached by window
-// position (dh, dw) of output k - (dh / 2) * S - dw / 2. Even rows and
-// columns are shared by two windows along each axis, the earlier output
-// (larger delta) first.
-template <typename acc, typename lane>
-void spread_to_quarters(const lane* __restrict__ a, const acc* __restrict__ v, acc* __restrict__ quarters, int64_t S,
-                        int64_t Q) {
-  spread_to_quarter<4>(a, v, quarters, {8, 6, 2, 0}, {S + 1, S, 1, 0}, Q);  // even row, even column
-  spread_to_quarter<2>(a, v, quarters + Q, {7, 1}, {S, 0}, Q);               // even row, odd column
-  spread_to_quarter<2>(a, v, quarters + 2 * Q, {5, 3}, {1, 0}, Q);           // odd row, even column
-  spread_to_quarter<1>(a, v, quarters + 3 * Q, {4}, {0}, Q);                 // odd row, odd column
+#ifdef AX_HAVE_ISA_VARIANTS
+// grad_inputs_rows<R>() for float on AVX-512 with non-temporal stores of
+// dx: dx is written once and read much later (by the layer below's
+// backward), so its lines go to memory without being read for ownership
+// first (a third less traffic for that stream; it measured faster at one
+// and two threads). The caller fences (store_fence()) before dx is read
+// elsewhere.
+template <int R>
+__attribute__((target("avx512f"))) void grad_inputs_streamed(const float* g_ip, const float* x,
+                                                             const float* const* rows, float* dx, int64_t n,
+                                                             float coef) {
+  const auto one = [&](int64_t i) {
+    float sum_t = 0.0f;
+    for (int r = 0; r < R; ++r) sum_t += rows[r][i];
+    dx[i] = g_ip[i] - coef * x[i] * sum_t;
+  };
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dx + i) & 63) != 0; ++i) one(i);
+  const __m512 c = _mm512_set1_ps(coef);
+  for (; i + 16 <= n; i += 16) {
+    __m512 sum_t = _mm512_loadu_ps(rows[0] + i);
+    for (int r = 1; r < R; ++r) sum_t = _mm512_add_ps(sum_t, _mm512_loadu_ps(rows[r] + i));
+    const __m512 cx = _mm512_mul_ps(c, _mm512_loadu_ps(x + i));
+    _mm512_stream_ps(dx + i, _mm512_fnmadd_ps(cx, sum_t, _mm512_loadu_ps(g_ip + i)));
+  }
+  for (; i < n; ++i) one(i);
+}
+inline void store_fence() { _mm_sfence(); }
+#endif
+
+// Where the maxima of whole 3x3 / stride 2 windows are: pos[i] = the flat
+// plane index of output i's maximum (its window's first element
+// window_start[i] plus the argmax offset a = 3 * dh + dw; dh = a / 3 taken
+// as (a * 11) >> 5, exact for a < 9, so the loop vectorises), d[i] = its
+// pooled gradient. An offset outside the window (a corrupted argmax) adds
+// nothing and is never used as an index.
+template <typename acc, typename scalar_t>
+void argmax_positions(const uint8_t* __restrict__ a, const scalar_t* __restrict__ dy,
+                      const int32_t* __restrict__ window_start, int32_t W, int32_t* __restrict__ pos,
+                      acc* __restrict__ d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t off = a[i];
+    const bool inside = off < 9;
+    const int32_t dh = (off * 11) >> 5, dw = off - 3 * dh;
+    pos[i] = window_start[i] + (inside ? dh * W + dw : 0);
+    d[i] = inside ? static_cast<acc>(dy[i]) : acc(0);
+  }
+}
+
+// The LRN backward's two per-element quantities at each output's maximum,
+// from the window sum and x gathered there (vectorised gathers) and the
+// pooled gradient d: t = d * x * s^-beta / s and d * s^-beta (lrn_math.h).
+template <typename acc, typename src_t, typename idx_t>
+void terms_at_positions(const idx_t* __restrict__ pos, const acc* __restrict__ d, const acc* __restrict__ sums,
+                        const src_t* __restrict__ x, acc* __restrict__ t, acc* __restrict__ g_ip, int64_t n,
+                        const Coefs<acc>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc base = lrn::denominator_base(sums[pos[i]], c);
+    const acc ip = lrn::inv_pow(base, c);
+    t[i] = lrn::grad_term(d[i], static_cast<acc>(x[pos[i]]), ip, base);
+    g_ip[i] = d[i] * ip;
+  }
+}
+
+// dst[pos[i]] += v[i] (and dst2 with v2) in ascending i: an element that is
+// the maximum of several windows sums them in output order, as PyTorch's
+// pool backward does.
+template <typename acc, typename idx_t>
+void scatter_add(acc* dst, const idx_t* pos, const acc* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[pos[i]] += v[i];
+}
+template <typename acc, typename idx_t>
+void scatter_add2(acc* dst, acc* dst2, const idx_t* pos, const acc* v, const acc* v2, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[pos[i]] += v[i];
+    dst2[pos[i]] += v2[i];
+  }
 }
 
 // NCHW backward for whole 3x3 / stride 2 windows (whole_3x3s2_windows).
 // A task is one image and a range of channels [c0, c1), walked a channel
-// at a time: every plane is split by row and column parity into four
-// quarters, as the forward splits the LRN plane, so that window position
-// (dh, dw) of output (oh, ow) is the quarter element at the flat output
-// index oh * S + ow shifted by a constant: the gather of each output's
-// window sum and x at its argmax, and the scatter of its two terms back,
-// are nine unit-stride select passes over the plane's outputs. Only those
-// outputs (a quarter of the plane) pay for the denominators; the window
-// sums of squares and of terms and dx are dense passes over quarter
-// planes, which the channel window reads from rings of the last `size`
-// planes (x, t and g * s^-beta), L2-resident. Pipeline, at step j: load x
-// plane j; the terms of channel j - after (its window ends at j); dx of
-// channel j - after - before (its R window ends at j - after). A range
-// starting past channel 0 first recomputes the terms of the `after`
-// channels before it (halo), so images split over threads when N is small.
-// A plane whose window sums are not all finite takes the dense formula
-// (d lrn_out scattered, then every element), spreading NaN and inf as the
-// unfused pair does.
+// at a time in the planes' own layout. d loss / d lrn_out is non-zero only
+// at the pooled maxima (at most a quarter of the plane), so only there are
+// the denominators recomputed: the window sums of squares are one dense
+// pass over the input planes of the channel window (read in place), the
+// sums and x at each output's maximum are gathered, the two terms computed
+// there and added into zeroed plane buffers in output order. The window
+// sums of the terms and dx are dense passes, dx written straight into its
+// plane. Pipeline over channels: the terms of channel ct (its window ends
+// at ct + after, read from x), then dx of channel ct - before (its R window
+// [cd - after, cd + before] ends at ct); the terms and d * s^-beta planes
+// live in rings of the last `size` channels, L2-resident. A range starting
+// past channel 0 first computes the terms of the `after` channels before
+// it (halo), so images split over threads when N is small. A plane whose
+// window sums are not all finite (or k = 0, alpha < 0) takes the dense
+// formula (d lrn_out scattered, then every element), spreading NaN and inf
+// as the unfused pair does.
 template <typename scalar_t>
 void backward_nchw_3x3s2(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
                          const LrnPoolParams& p) {
   using acc = at::opmath_type<scalar_t>;
-  using lane = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;  // mask width of acc
   const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
   const PoolGeometry& g = p.pool;
   const int64_t N = p.lrn.outer, C = p.lrn.channels, H = g.in_h, W = g.in_w, P = H * W;
-  const int64_t out_plane = int64_t{g.out_h} * g.out_w;
+  const int64_t out_w = g.out_w, out_plane = int64_t{g.out_h} * out_w;
   const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
   const int64_t ring = before + after + 1;
-  // Quarter geometry (as forward_nchw's): S columns, (H + 1) / 2 rows and
-  // one element of slack for the last flat pass; Q apart, four to a plane
-  // (QP, padded with zeros).
-  const int64_t S = (W + 1) / 2, Q = (H + 1) / 2 * S + 1, flat = int64_t{g.out_h} * S;
-  const int64_t QP = (4 * Q + 15) / 16 * 16;  // whole vectors
-  int64_t shift[9];  // window position -> its quarter element's offset from the flat output index
-  for (int dh = 0; dh < 3; ++dh)
-    for (int dw = 0; dw < 3; ++dw) shift[pool::encode_offset(dh, dw, 3)] = ((dh % 2) * 2 + dw % 2) * Q + (dh / 2) * S + dw / 2;
-  const int64_t out_h = g.out_h, out_w = g.out_w;  // locals: stores through lane* cannot alias them
-  const int64_t lead = S + 1;  // farthest output before an element whose window reaches it, in flat indices
-  // Channel ranges: enough tasks for every thread (halo recompute: before + after planes of x, after of terms).
+  const int64_t PP = (P + 15) / 16 * 16;  // plane stride in the rings: whole vectors
+  // Channel ranges: enough tasks for every thread (halo recompute: the terms of `after` channels).
   const int64_t chunks = std::min<int64_t>(C, std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N));
   const int64_t chunk = (C + chunks - 1) / chunks;
+  const bool stream_dx = cpu_isa() == CpuIsa::kAvx512;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    // Zero-filled once: the quarters' unused padding stays 0 (finite).
-    std::vector<acc> x_ring(static_cast<size_t>(ring * QP), acc(0)), t_ring(x_ring.size(), acc(0)),
-        g_ring(x_ring.size(), acc(0)), sums(static_cast<size_t>(QP), acc(0)), dx_quarters(sums.size());
-    // Per output, at flat index + lead: lead outputs before (and some after)
-    // that match no window position, so the spreads read them unguarded.
-    std::vector<acc> d_pad(static_cast<size_t>(lead + Q), acc(0)), t_pad(d_pad.size(), acc(0)), g_pad(d_pad.size(), acc(0));
-    std::vector<lane> a_pad(d_pad.size(), lane(9));
-    std::vector<const acc*> window_planes(static_cast<size_t>(ring));
+    std::vector<acc> t_ring(static_cast<size_t>(ring * PP)), g_ring(t_ring.size()), sums(static_cast<size_t>(PP)),
+        sum_t(sums.size()), d(static_cast<size_t>(out_plane)), t_at(d.size()), g_at(d.size());
+    std::vector<int32_t> window_start(static_cast<size_t>(out_plane)), pos(window_start.size());
+    for (int64_t o = 0; o < out_plane; ++o) window_start[o] = static_cast<int32_t>(2 * (o / out_w) * W + 2 * (o % out_w));
+    std::vector<const scalar_t*> x_planes(static_cast<size_t>(ring));
+    std::vector<const acc*> t_planes(static_cast<size_t>(ring));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk, c1 = std::min<int64_t>(C, c0 + chunk);
       if (c0 >= c1) continue;
       with_cpu_isa([&] {
-        acc* __restrict__ sum = sums.data();
-        const auto xq = [&](int64_t c) { return x_ring.data() + (c % ring) * QP; };
-        const auto tq = [&](int64_t c) { return t_ring.data() + (c % ring) * QP; };
-        const auto gq = [&](int64_t c) { return g_ring.data() + (c % ring) * QP; };
-        // Row h of a plane <-> its even and odd columns in quarters (h % 2, 0) and (h % 2, 1).
-        const auto split = [&](const scalar_t* __restrict__ plane, acc* __restrict__ q) {
-          for (int64_t h = 0; h < H; ++h) {
-            const scalar_t* __restrict__ row = plane + h * W;
-            acc* __restrict__ even = q + (h % 2) * 2 * Q + (h / 2) * S;
-            acc* __restrict__ odd = even + Q;
-            for (int64_t i = 0; i < W / 2; ++i) {
-              even[i] = static_cast<acc>(row[2 * i]);
-              odd[i] = static_cast<acc>(row[2 * i + 1]);
-            }
-            if (W % 2 != 0) even[W / 2] = static_cast<acc>(row[W - 1]);
-          }
-        };
-        const auto merge = [&](const acc* __restrict__ q, scalar_t* __restrict__ plane) {
-          for (int64_t h = 0; h < H; ++h) {
-            scalar_t* __restrict__ row = plane + h * W;
-            const acc* __restrict__ even = q + (h % 2) * 2 * Q + (h / 2) * S;
-            const acc* __restrict__ odd = even + Q;
-            for (int64_t i = 0; i < W / 2; ++i) {
-              row[2 * i] = static_cast<scalar_t>(even[i]);
-              row[2 * i + 1] = static_cast<scalar_t>(odd[i]);
-            }
-            if (W % 2 != 0) row[W - 1] = static_cast<scalar_t>(even[W / 2]);
-          }
-        };
-        // sum <- the window sum of f over the ring's channels [c - lo, c + hi] ∩ [0, C), ascending.
-        const auto ring_window = [&](auto plane_of, int64_t c, int lo, int hi, auto f) {
-          const int64_t first = std::max<int64_t>(0, c - lo), last = std::min<int64_t>(C - 1, c + hi);
-          for (int64_t j = first; j <= last; ++j) window_planes[j - first] = plane_of(j);
-          sum_rows(sum, window_planes.data(), static_cast<int>(last - first + 1), QP, f);
-        };
+        const scalar_t* xn = x + n * C * P;
+        const auto tq = [&](int64_t c) { return t_ring.data() + (c % ring) * PP; };
+        const auto gq = [&](int64_t c) { return g_ring.data() + (c % ring) * PP; };
         const auto terms_of = [&](int64_t c) {
-          ring_window(xq, c, before, after, [](acc v) { return v * v; });
-          const acc* __restrict__ xc = xq(c);
+          const int64_t first = std::max<int64_t>(0, c - before), last = std::min<int64_t>(C - 1, c + after);
+          const int count = static_cast<int>(last - first + 1);
+          for (int64_t j = first; j <= last; ++j) x_planes[j - first] = xn + j * P;
+          sum_rows(sums.data(), x_planes.data(), count, P, [](acc v) { return v * v; });
+          const scalar_t* xc = xn + c * P;
           acc* __restrict__ tc = tq(c);
           acc* __restrict__ gc = gq(c);
-          // The channel's pooled gradients and argmax at flat output indices;
-          // the columns past out_w match no window position.
-          const scalar_t* __restrict__ dyc = dy + (n * C + c) * out_plane;
-          const uint8_t* __restrict__ ac = argmax + (n * C + c) * out_plane;
-          lane* __restrict__ a = a_pad.data() + lead;
-          acc* __restrict__ d = d_pad.data() + lead;
-          for (int64_t oh = 0; oh < out_h; ++oh) {
-            widen_row(ac + oh * out_w, dyc + oh * out_w, a + oh * S, d + oh * S, out_w);
-            lane* __restrict__ a_out = a + oh * S;
-            acc* __restrict__ d_out = d + oh * S;
-            for (int64_t ow = out_w; ow < S; ++ow) {
-              a_out[ow] = lane(9);
-              d_out[ow] = acc(0);
-            }
-          }
-          if (sums_allow_sparse(sum, QP, coefs)) {
-            acc* __restrict__ t = t_pad.data() + lead;
-            acc* __restrict__ g_ip = g_pad.data() + lead;
-            // Window sum and x at each output's argmax (in t and g_ip), then its terms there.
-            for (int64_t i = 0; i < flat; ++i) t[i] = g_ip[i] = acc(0);
-            for (int off = 0; off < 9; ++off) take_at_argmax(t, g_ip, sum + shift[off], xc + shift[off], a, lane(off), flat);
-            terms_at_argmax(d, t, g_ip, flat, coefs);
-            spread_to_quarters(a, t, tc, S, Q);
-            spread_to_quarters(a, g_ip, gc, S, Q);
+          for (int64_t b = 0; b < P; ++b) tc[b] = gc[b] = acc(0);
+          argmax_positions(argmax + (n * C + c) * out_plane, dy + (n * C + c) * out_plane, window_start.data(),
+                           static_cast<int32_t>(W), pos.data(), d.data(), out_plane);
+          if (sums_allow_sparse(sums.data(), P, coefs)) {
+            terms_at_positions(pos.data(), d.data(), sums.data(), xc, t_at.data(), g_at.data(), out_plane, coefs);
+            scatter_add2(tc, gc, pos.data(), t_at.data(), g_at.data(), out_plane);
           } else {
-            spread_to_quarters(a, d, gc, S, Q);
-            dense_terms(sum, xc, gc, tc, QP, coefs);
+            scatter_add(gc, pos.data(), d.data(), out_plane);
+            dense_terms(sums.data(), xc, gc, tc, P, coefs);
           }
         };
         const auto grad_input_of = [&](int64_t c) {
-          ring_window(tq, c, after, before, [](acc v) { return v; });
-          grad_inputs(gq(c), xq(c), sum, dx_quarters.data(), QP, coefs);
-          merge(dx_quarters.data(), dx + (n * C + c) * P);
+          const int64_t first = std::max<int64_t>(0, c - after), last = std::min<int64_t>(C - 1, c + before);
+          const int count = static_cast<int>(last - first + 1);
+          scalar_t* dxc = dx + (n * C + c) * P;
+          for (int64_t j = first; j <= last; ++j) t_planes[j - first] = tq(j);
+#ifdef AX_HAVE_ISA_VARIANTS
+          if constexpr (std::is_same<scalar_t, float>::value) {
+            if (stream_dx && count == 5)
+              return grad_inputs_streamed<5>(gq(c), xn + c * P, t_planes.data(), dxc, P, coefs.grad_coef);
+          }
+#endif
+          grad_inputs_window(gq(c), xn + c * P, t_planes.data(), count, dxc, sum_t.data(), P, coefs);
         };
-        const int64_t j0 = std::max<int64_t>(0, c0 - before - after);
-        for (int64_t j = j0; j - after - before < c1; ++j) {
-          if (j < C) split(x + (n * C + j) * P, xq(j));
-          const int64_t ct = j - after;
-          if (ct >= std::max<int64_t>(0, c0 - after) && ct < C) terms_of(ct);
-          const int64_t cd = j - after - before;
-          if (cd >= c0) grad_input_of(cd);
+        for (int64_t ct = std::max<int64_t>(0, c0 - after); ct < c1 + before; ++ct) {
+          if (ct < C) terms_of(ct);
+          if (ct - before >= c0) grad_input_of(ct - before);
         }
       });
     }
+#ifdef AX_HAVE_ISA_VARIANTS
+    if (stream_dx) store_fence();  // the streamed dx is complete before parallel_for returns
+#endif
   });
+}
+
+// One output pixel's C channels in a channels_last band (band rows
+// [h0, h0 + rows) of W pixels; rows [h_lo, h_hi) of them inside the
+// image): idx[c] = the band index of channel c's maximum, where it lies in
+// the band, and d[c] its pooled gradient; elsewhere idx[c] = c, d[c] = 0,
+// adding nothing (a maximum outside the band is another band's; an offset
+// outside the window, a corrupted argmax, nobody's). The window row of
+// offset a is a / kw taken as (a + 0.5) * (1 / kw) in float (exact: a and
+// kw are at most 256, so the product is at least 0.5 / kw from an integer
+// and its rounding error far smaller), with non-short-circuit tests, so
+// the loop vectorises.
+template <typename idx_t, typename acc, typename scalar_t>
+void channels_last_positions(const uint8_t* __restrict__ a, const scalar_t* __restrict__ dy, int32_t kw,
+                             int32_t window, float inv_kw, int32_t hs, int32_t ws, int32_t h_lo, int32_t h_hi,
+                             int32_t h0, int32_t W, idx_t* __restrict__ idx, acc* __restrict__ d, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int32_t off = a[c];
+    const int32_t dh = static_cast<int32_t>((static_cast<float>(off) + 0.5f) * inv_kw), dw = off - dh * kw;
+    const int32_t r = hs + dh, q = ws + dw;
+    const bool inside = (off < window) & (r >= h_lo) & (r < h_hi) & (q >= 0) & (q < W);
+    idx[c] = inside ? (idx_t(r - h0) * W + q) * idx_t(C) + idx_t(c) : idx_t(c);
+    d[c] = inside ? static_cast<acc>(dy[c]) : acc(0);
+  }
 }
 
 // channels_last backward, any window. A task is one image and a band of
 // input rows [h0, h1) (each dx element has one writer); everything stays in
 // the layout, vectorised along the contiguous channels as the forward is:
-// the band's window sums of squares, then for every output whose window
-// reaches into the band (ascending) a select pass per window position over
-// its C channels gathers the window sum and x at the argmax, the terms are
-// computed there only, and a select pass per position adds them back; then
-// the window sums of the terms and dx, written straight into the band's dx
-// rows. Positions outside the band are skipped (their elements are another
-// band's). A band whose sums are not all finite takes the dense formula.
-template <typename scalar_t>
-void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
-                            const LrnPoolParams& p) {
+// the band's window sums of squares; then, for every output whose window
+// reaches into the band (ascending), the band index of each channel's
+// maximum, the window sum and x gathered there, the two terms computed
+// there only and added into zeroed band buffers (in output order, as
+// PyTorch's pool backward adds them); then the window sums of the terms and
+// dx, written straight into the band's dx rows. A band whose sums are not
+// all finite takes the dense formula (d lrn_out scattered, then every
+// element).
+template <typename scalar_t, typename idx_t>
+void backward_channels_last_impl(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                                 const LrnPoolParams& p, int64_t rows) {
   using acc = at::opmath_type<scalar_t>;
-  using lane = std::conditional_t<sizeof(acc) == 8, int64_t, int32_t>;  // mask width of acc
   const Coefs<acc> coefs = lrn::make_coefs<acc>(p.lrn);
   const PoolGeometry& g = p.pool;
   const int64_t N = p.lrn.outer, C = p.lrn.channels, H = g.in_h, W = g.in_w;
   const int before = lrn::window_before(p.lrn.size), after = lrn::window_after(p.lrn.size);
-  const int64_t rows_fit = std::max<int64_t>(1, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
-  const int64_t min_bands = (at::get_num_threads() + N - 1) / N;  // enough tasks for every thread
-  const int64_t bands = std::min<int64_t>(H, std::max<int64_t>(min_bands, (H + rows_fit - 1) / rows_fit));
-  const int64_t rows = (H + bands - 1) / bands;
+  const int64_t bands = (H + rows - 1) / rows;
   const int64_t in_image = C * H * W, out_image = C * g.out_h * g.out_w;
+  const float inv_kw = 1.0f / static_cast<float>(g.kw);
+  const bool stream_dx = cpu_isa() == CpuIsa::kAvx512;
   at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> sums, terms, g_ip, dy_at(static_cast<size_t>(C)), sa(dy_at.size()), xa(dy_at.size());
-    std::vector<lane> a_at(static_cast<size_t>(C));
+    std::vector<acc> sums, terms, g_ip, d(static_cast<size_t>(C)), t_at(d.size()), g_at(d.size());
+    std::vector<idx_t> idx(static_cast<size_t>(C));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands;
       const int h0 = static_cast<int>((task % bands) * rows), h1 = static_cast<int>(std::min<int64_t>(H, h0 + rows));
@@ -666,47 +703,53 @@ void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const sca
         acc* __restrict__ gb = g_ip.data();
         channels_last_window_sums(xs, sum, E / C, C, before, after, [](acc v) { return v * v; });
         const bool sparse = sums_allow_sparse(sum, E, coefs);
-        lane* __restrict__ a = a_at.data();
-        acc* __restrict__ d = dy_at.data();
         for (int oh = oh_lo; oh <= oh_hi; ++oh) {
           const int hs = pool::window_start(oh, g.sh, g.ph);
-          const int ih_lo = ax_max(ax_max(hs, 0), h0), ih_hi = ax_min(ax_min(hs + g.kh, g.in_h), h1);
-          if (ih_lo >= ih_hi) continue;
           for (int ow = 0; ow < g.out_w; ++ow) {
-            const int ws = pool::window_start(ow, g.sw, g.pw);
-            const int iw_lo = ax_max(ws, 0), iw_hi = ax_min(ws + g.kw, g.in_w);
             const int64_t o = (int64_t{oh} * g.out_w + ow) * C;
-            for (int64_t c = 0; c < C; ++c) {
-              a[c] = an[o + c];
-              d[c] = static_cast<acc>(dyn[o + c]);
-            }
-            // Each window position inside the band: its element offset in the band and its code.
-            const auto for_positions = [&](auto fn) {
-              for (int ih = ih_lo; ih < ih_hi; ++ih)
-                for (int iw = iw_lo; iw < iw_hi; ++iw)
-                  fn((int64_t{ih - h0} * W + iw) * C, lane(pool::encode_offset(ih - hs, iw - ws, g.kw)));
-            };
+            channels_last_positions(an + o, dyn + o, g.kw, g.kh * g.kw, inv_kw, hs, pool::window_start(ow, g.sw, g.pw),
+                                    ax_max(h0, 0), ax_min(h1, g.in_h), h0, static_cast<int32_t>(W), idx.data(),
+                                    d.data(), C);
             if (sparse) {
-              acc* __restrict__ s_at = sa.data();
-              acc* __restrict__ x_at = xa.data();
-              for (int64_t c = 0; c < C; ++c) s_at[c] = x_at[c] = acc(0);
-              for_positions([&](int64_t e, lane off) { take_at_argmax(s_at, x_at, sum + e, xs + e, a, off, C); });
-              terms_at_argmax(d, s_at, x_at, C, coefs);
-              for_positions([&](int64_t e, lane off) {
-                add_at_argmax(tb + e, s_at, a, off, C);
-                add_at_argmax(gb + e, x_at, a, off, C);
-              });
+              terms_at_positions(idx.data(), d.data(), sum, xs, t_at.data(), g_at.data(), C, coefs);
+              scatter_add2(tb, gb, idx.data(), t_at.data(), g_at.data(), C);
             } else {
-              for_positions([&](int64_t e, lane off) { add_at_argmax(gb + e, d, a, off, C); });
+              scatter_add(gb, idx.data(), d.data(), C);
             }
           }
         }
         if (!sparse) dense_terms(sum, xs, gb, tb, E, coefs);
         channels_last_window_sums(tb, sum, E / C, C, after, before, [](acc v) { return v; });
-        grad_inputs(gb, xs, sum, dx + n * in_image + int64_t{h0} * W * C, E, coefs);
+        scalar_t* dx_band = dx + n * in_image + int64_t{h0} * W * C;
+#ifdef AX_HAVE_ISA_VARIANTS
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (stream_dx) {
+            const float* sum_rows_1[1] = {sum};
+            return grad_inputs_streamed<1>(gb, xs, sum_rows_1, dx_band, E, coefs.grad_coef);
+          }
+        }
+#endif
+        grad_inputs(gb, xs, sum, dx_band, E, coefs);
       });
     }
+#ifdef AX_HAVE_ISA_VARIANTS
+    if (stream_dx) store_fence();  // the streamed dx is complete before parallel_for returns
+#endif
   });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const scalar_t* dy, const uint8_t* argmax, const scalar_t* x, scalar_t* dx,
+                            const LrnPoolParams& p) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t N = p.lrn.outer, C = p.lrn.channels, H = p.pool.in_h, W = p.pool.in_w;
+  // Bands of rows whose buffers stay in L2, and enough tasks for every thread.
+  const int64_t rows_fit = std::max<int64_t>(1, kBufferBytes / (int64_t{sizeof(acc)} * C * W));
+  const int64_t min_bands = (at::get_num_threads() + N - 1) / N;
+  const int64_t bands = std::min<int64_t>(H, std::max<int64_t>(min_bands, (H + rows_fit - 1) / rows_fit));
+  const int64_t rows = (H + bands - 1) / bands;
+  if (rows * W * C <= INT32_MAX) backward_channels_last_impl<scalar_t, int32_t>(dy, argmax, x, dx, p, rows);
+  else backward_channels_last_impl<scalar_t, int64_t>(dy, argmax, x, dx, p, rows);
 }
 
 // NCHW backward, any window (the 3x3 / stride 2 one has backward_nchw_3x3s2):
@@ -874,7 +917,7 @@ void lrn_max_pool2d_backward_cpu(const at::Tensor& dy, const at::Tensor& argmax,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     if (p.lrn.channels_last) backward_channels_last(dyp, ap, xp, dxp, p);
-    else if (whole_3x3s2_windows(p.pool)) backward_nchw_3x3s2(dyp, ap, xp, dxp, p);
+    else if (whole_3x3s2_windows(p.pool) && p.lrn.inner <= INT32_MAX) backward_nchw_3x3s2(dyp, ap, xp, dxp, p);
     else backward_nchw_bands(dyp, ap, xp, dxp, p);
   });
 }
