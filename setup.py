@@ -90,7 +90,11 @@ def make_extension(cfg):
     cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     opt = ["-O0", "-g"] if cfg["debug"] else ["-O3"]
     # -fno-math-errno lets GCC vectorise sqrt (errno is never read by kernels).
-    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno"]
+    # -ffp-contract=off: a*b + c is rounded twice wherever it is written so,
+    # whatever the compiler inlines: the fused LRN + pool then computes the
+    # very LRN values (and so the same argmax) as our separate LRN, which
+    # rounds its squares in a buffer before summing them.
+    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link = ["-fopenmp"]

@@ -97,6 +97,25 @@ def test_every_dtype_equals_our_pair(device, dtype, layout, case):
     torch.testing.assert_close(got.double(), want.double(), **tolerance(dtype, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 96, 55, 55), (2, 256, 27, 27)])
+def test_host_kernels_bit_equal_to_our_pair(dtype, layout, shape):
+    # The CPU kernels of the fused op and of our LRN sum the same rounded
+    # squares in the same order (setup.py builds without FMA contraction),
+    # so the LRN values and the pooled maxima are identical bit for bit, not
+    # merely close, and the maxima sit at the same positions.
+    x = random_input(shape, dtype, "cpu", layout, scale=3.0, requires_grad=True)
+    out = local_response_norm_max_pool2d(x, 5, 1e-4, 0.75, 2.0)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = max_pool2d(local_response_norm(ref_x, 5, 1e-4, 0.75, 2.0), 3, 2)
+    assert torch.equal(out, ref)
+    upstream = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    (got,) = torch.autograd.grad(out, x, upstream)
+    (want,) = torch.autograd.grad(ref, ref_x, upstream)
+    torch.testing.assert_close(got, want, **tolerance(dtype, 4))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_alexnet_hyper_parameters(device, layout):
