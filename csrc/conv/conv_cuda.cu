@@ -18,7 +18,13 @@
 //    float32 accumulators, 2 x 2 warps of (BM/2) x (BN/2); or exact FFMA
 //    (float32 without TF32, float64), 4x8 per thread on a 64x64 tile;
 //  - epilogue: bias + ReLU on the accumulators (forward), bounds-checked
-//    stores (wgrad: float32/64 partial sums into its split's workspace slice).
+//    stores (wgrad: float32/64 partial sums into its split's workspace slice;
+//    the strided dgrad's columns GEMM: float32/64 columns, which
+//    col2im_kernel then gathers into dx).
+// The tensor-core K-major kernels narrow the launch's pass to forward or
+// dgrad at compile time, so the wgrad and columns branches of the shared
+// index math are not compiled into them (fewer registers: see kMmaVariants'
+// hints); the FFMA K-major kernel also runs the columns GEMM.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -43,7 +49,7 @@ struct Tiles {
   static constexpr bool kMNMajor = kKind == kKindWgrad || kKind == kKindFoldWgrad;
   static constexpr bool kFold = kKind == kKindFoldForward || kKind == kKindFoldWgrad;
   static constexpr int BM = kBM, BN = kBN;
-  static constexpr int BK = kTileKBytes / int(sizeof(T));  // 32 half, 16 float, 8 double
+  static constexpr int BK = tile_k(kKind, int(sizeof(T)));  // 32 half, 16 float, 8 double; columns: 16
   static constexpr int VEC = kVecBytes / int(sizeof(T));   // elements per 16-byte copy
   // Elements per copy of A and B: a folded operand (x, and the folded
   // weight whose reduction R*fold is a multiple of kFoldVec only) copies
@@ -418,7 +424,13 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   __shared__ __align__(16) T Bs[kStages][L::B_ELEMS];
   __shared__ acc_t<T> bias_s[L::BN];
 
-  const Pass pass = kWgrad ? Pass::Wgrad : kKind == kKindFoldForward ? Pass::Forward : p.pass;
+  // The pass: fixed by the kind, else the launch's (forward or dgrad; the
+  // FFMA kernels also run the columns GEMM).
+  const Pass pass = kWgrad                       ? Pass::Wgrad
+                    : kKind == kKindFoldForward  ? Pass::Forward
+                    : kKind == kKindDgradCols    ? Pass::DgradCols
+                    : kMma && p.pass != Pass::Forward ? Pass::Dgrad
+                                                 : p.pass;
   const GemmDims dims = gemm_dims(p.g, pass);
   const int splits = kWgrad ? p.splits : 1;
   const int grp = blockIdx.z / splits, split = blockIdx.z % splits;
@@ -477,6 +489,8 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
     const int64_t off = d_offset(p.g, pass, grp, i, j);
     if (kWgrad) {
       static_cast<acc_t<T>*>(p.d)[int64_t(split) * slice + off] = v;
+    } else if (pass == Pass::DgradCols) {  // float32/64 columns, rounded only by the gather
+      static_cast<acc_t<T>*>(p.d)[off] = v;
     } else if (pass == Pass::Forward) {
       v += bias_s[c];
       static_cast<T*>(p.d)[off] = from_acc<T>(relu(v));
@@ -512,6 +526,7 @@ LaunchStatus launch_mma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t 
     case 8: return launch_gemm<T, kKindFoldWgrad, true, 32, 48>(plan, p, s);
     case 9: return launch_gemm<T, kKindFoldWgrad, true, 32, 64>(plan, p, s);
     case 10: return launch_gemm<T, kKindKMajor, true, 64, 48>(plan, p, s);
+    case 11: return launch_gemm<T, kKindDgradCols, true, 128, 64>(plan, p, s);
   }
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }
@@ -520,6 +535,24 @@ LaunchStatus launch_ffma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t
   if (plan.variant == kFfmaKMajor) return launch_gemm<T, kKindKMajor, false, 64, 64>(plan, p, s);
   if (plan.variant == kFfmaWgrad) return launch_gemm<T, kKindWgrad, false, 64, 64>(plan, p, s);
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
+}
+
+// ---------------------------------------------------------------------------
+// The strided dgrad's gather (after the columns GEMM)
+
+// One thread per input pixel (n, h, w), over its channels: pixel indices
+// fit in 32 bits (conv.cpp checks), so they split by FastDiv. Neighbouring
+// threads store neighbouring pixels (NCHW: w innermost; channels_last:
+// a pixel's channels are one run). Grid-stride.
+template <typename T>
+__global__ void col2im_kernel(const ConvGeom g, const acc_t<T>* __restrict__ cols, T* __restrict__ dx,
+                              const Col2imStrides st) {
+  const int64_t pixels = int64_t(g.N) * g.H * g.W;
+  for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < pixels; m += int64_t(gridDim.x) * blockDim.x) {
+    const Pixel px = split_pixel(m, g.div.HW, g.div.W);
+    T* out = dx + px.n * st.n + px.a * st.h + px.b * st.w;
+    for (int c = 0; c < g.C; ++c) out[c * st.c] = from_acc<T>(col2im_sum(g, cols, px.n, c, px.a, px.b));
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -607,6 +640,18 @@ LaunchStatus reduce_splits_cuda(DType dtype, const void* partial, void* out, int
     using T = decltype(tag);
     reduce_splits_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const acc_t<T>*>(partial), static_cast<T*>(out), n, splits);
+    return static_cast<LaunchStatus>(cudaGetLastError());
+  });
+}
+
+LaunchStatus col2im_cuda(DType dtype, const ConvGeom& g, const void* cols, void* dx, const Col2imStrides& dx_strides,
+                         void* stream) {
+  const ConvGeom gd = with_divisors(g);
+  const int64_t pixels = int64_t(gd.N) * gd.H * gd.W;
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
+    using T = decltype(tag);
+    col2im_kernel<T><<<grid_for(pixels, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        gd, static_cast<const acc_t<T>*>(cols), static_cast<T*>(dx), dx_strides);
     return static_cast<LaunchStatus>(cudaGetLastError());
   });
 }
