@@ -20,7 +20,10 @@ batch 128), every pass (fwd, dgrad, wgrad) and the tensor-core dtypes
     per HMMA instruction in it;
   - div: whether that loop holds a runtime integer division (the
     I2F.U32.RP / MUFU.RCP sequence nvcc emits for `/` and `%` by a runtime
-    value).
+    value);
+  - STG per thread: the kernel's global store instructions by width (the
+    epilogue's, unrolled: scalar 16-bit stores per element, or 128-bit
+    vectors through shared memory).
 The tile shape, grid and split-K count come from the host code itself
 (the `_conv2d_relu_plan` op, the plan the CUDA launcher launches), so the
 model follows the launcher. Targets (issue 11): exec/useful <= 1.15,
@@ -154,6 +157,18 @@ def k_loop(instrs):
     return len(body), hmma, div
 
 
+def global_stores(instrs):
+    """The kernel's global stores as "count x bits" per width, widest first
+    (e.g. "8x128"): the epilogue's per-thread stores, its loops being
+    unrolled (the k-loop stores nothing to global memory: cp.async)."""
+    widths = {}
+    for _, t in instrs:
+        b = sass_model.access_bytes(sass_model.opcode(t), "STG")
+        if b:
+            widths[b * 8] = widths.get(b * 8, 0) + 1
+    return " + ".join(f"{n}x{bits}" for bits, n in sorted(widths.items(), reverse=True)) or "-"
+
+
 def load_sass(src_root, cache):
     nvcc, dis, mode, filt, missing = sass_model.tools()
     if missing or mode != "cuobjdump":
@@ -192,7 +207,8 @@ def run_model(src_root, cache):
                            chunk=pl["chunk"], chunks=pl["chunks"],
                            extra_bytes=col2im_bytes(spec, pl, torch.empty(0, dtype=dtype).element_size()),
                            useful=useful_flops(spec), executed=executed, blocks=blocks, waves=None,
-                           resident=None, sass_per_mma=None, div=None, kernel=None, regs=None, smem=None)
+                           resident=None, sass_per_mma=None, div=None, kernel=None, regs=None, smem=None,
+                           stores=None)
                 if sass is not None:
                     funcs, res = sass
                     k = kernel_name(funcs, tname, pl)
@@ -200,6 +216,7 @@ def run_model(src_root, cache):
                         row["kernel"] = k
                         regs, smem = res.get(k, (0, 0))
                         row["regs"], row["smem"] = regs, smem
+                        row["stores"] = global_stores(funcs[k])
                         row["resident"] = resident_blocks(regs, smem, pl["threads"])
                         row["waves"] = blocks / (SMS * row["resident"]) if row["resident"] else float("inf")
                         loop = k_loop(funcs[k])
@@ -222,8 +239,8 @@ def table(rows, title, note=None):
     if note:
         lines += [note, ""]
     lines += ["| layer | pass | dtype | tile BMxBNxBK | grid | split-K | exec/useful | waves (blocks/SM) | "
-              "SASS per MMA (k-loop) | div in k-loop | regs | meets |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "SASS per MMA (k-loop) | div in k-loop | regs | STG per thread (count x bits) | meets |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["executed"] / r["useful"]
         waves = "-" if r["waves"] is None else f"{r['waves']:.2f} ({r['resident']})"
@@ -232,7 +249,7 @@ def table(rows, title, note=None):
         ok = meets(r)
         miss = [n for n, o in zip(("ratio", "waves", "div"), ok) if not o]
         lines.append(f"| {r['layer']} | {r['pass_']} | {r['dtype']} | {r['tile']} | {r['grid']} | {r['splits']} | "
-                     f"{ratio:.2f} | {waves} | {spm} | {div} | {r['regs'] or '-'} | "
+                     f"{ratio:.2f} | {waves} | {spm} | {div} | {r['regs'] or '-'} | {r['stores'] or '-'} | "
                      f"{'yes' if not miss else 'no: ' + ', '.join(miss)} |")
     for dt in DTYPES:
         sel = [r for r in rows if r["dtype"] == dt]

@@ -17,10 +17,11 @@
 //    .trans for wgrad's MN-major tiles) or m16n8k8 TF32 (float32) with
 //    float32 accumulators, 2 x 2 warps of (BM/2) x (BN/2); or exact FFMA
 //    (float32 without TF32, float64), 4x8 per thread on a 64x64 tile;
-//  - epilogue: bias + ReLU on the accumulators (forward), bounds-checked
-//    stores (wgrad: float32/64 partial sums into its split's workspace slice;
-//    the strided dgrad's columns GEMM: float32/64 columns, which
-//    col2im_kernel then gathers into dx).
+//  - epilogue: bias + ReLU on the accumulators (forward); tensor-core
+//    forward and dgrad stage the tile in shared memory and store 16-byte
+//    vectors, the others bounds-checked scalars (wgrad: float32/64 partial
+//    sums into its split's workspace slice; the strided dgrad's columns
+//    GEMM: float32/64 columns, which col2im_kernel then gathers into dx).
 // The tensor-core K-major kernels narrow the launch's pass to forward or
 // dgrad at compile time, so the wgrad and columns branches of the shared
 // index math are not compiled into them (fewer registers: see kMmaVariants'
@@ -412,6 +413,69 @@ __device__ __forceinline__ void for_each_acc(const FmaAcc<T>& acc, Fn fn) {
 }
 
 // ---------------------------------------------------------------------------
+// Vectorised epilogue of the tensor-core forward and dgrad kernels: the
+// block's BM x BN result tile (bias + ReLU applied in forward, rounded to T)
+// goes through shared memory, then out in 16-byte vectors along the
+// contiguous channel dimension j, one masked row check per vector instead
+// of a bounds check and a 2- or 4-byte store per element.
+
+// Staging rows of the result tile: BN elements padded so the fragment
+// writes (8 rows x 4 lanes of a pair of columns per warp instruction) hit
+// distinct banks and every row stays 16-byte aligned: 16 bytes of padding
+// for 16-bit T (row stride = 4 mod 32 words, 32-bit pair writes), 32 bytes
+// for float (stride = 8 mod 32 words, 64-bit pair writes in two half-warp
+// phases).
+template <typename T, typename L>
+struct OutTile {
+  static constexpr int VEC = L::VEC;
+  static constexpr int LD = L::BN + (sizeof(T) == 2 ? VEC : 2 * VEC);
+  static constexpr int ELEMS = L::BM * LD;
+  static constexpr int VECS_PER_ROW = L::BN / VEC;
+  static constexpr int VECS = L::BM * VECS_PER_ROW;
+  static_assert(VECS % kThreads == 0, "every thread stores the same number of vectors");
+};
+
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T lo, hi;
+};
+
+template <typename T, typename L>
+__device__ __forceinline__ void store_tile_vectorised(const GemmLaunch& p, Pass pass, const GemmDims& dims, int grp,
+                                                      int64_t i0, int64_t j0, const MmaAcc<L>& acc,
+                                                      const acc_t<T>* bias_s, T* tile) {
+  using O = OutTile<T, L>;
+  using Acc = MmaAcc<L>;
+  static_assert(O::ELEMS <= kStages * (L::A_ELEMS + L::B_ELEMS), "the result tile fits the pipeline's stages");
+  const bool forward = pass == Pass::Forward;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = (warp / 2) * Acc::WM, wn = (warp % 2) * Acc::WN;
+#pragma unroll
+  for (int mt = 0; mt < Acc::TM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < Acc::TN; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // rows g and g + 8, columns 2q and 2q + 1
+        const int r = wm + mt * 16 + lane / 4 + h * 8, c = wn + nt * 8 + (lane % 4) * 2;
+        acc_t<T> a = acc.v[mt][nt][2 * h], b = acc.v[mt][nt][2 * h + 1];
+        if (forward) a = relu(a + bias_s[c]), b = relu(b + bias_s[c + 1]);
+        *reinterpret_cast<Pair<T>*>(tile + r * O::LD + c) = Pair<T>{from_acc<T>(a), from_acc<T>(b)};
+      }
+  __syncthreads();
+  T* d = static_cast<T*>(p.d);
+#pragma unroll
+  for (int k = 0; k < O::VECS / kThreads; ++k) {
+    const int v = threadIdx.x + k * kThreads, r = v / O::VECS_PER_ROW, c = (v % O::VECS_PER_ROW) * O::VEC;
+    const int64_t i = i0 + r, j = j0 + c;
+    // N (Kg or Cg, padded) is a multiple of VEC: a vector is wholly in or out.
+    if (i < dims.M && j < dims.N) {
+      *reinterpret_cast<uint4*>(d + d_offset(p.g, pass, grp, i, j)) =
+          *reinterpret_cast<const uint4*>(tile + r * O::LD + c);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The kernel. Grid: x over BM row tiles, y over BN column tiles, z over
 // groups x splits (z = grp * splits + split).
 
@@ -420,8 +484,14 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   using L = Tiles<T, kKind, kMma, kBM, kBN>;
   using Acc = typename std::conditional<kMma, MmaAcc<L>, FmaAcc<T>>::type;
   constexpr bool kWgrad = L::kMNMajor;
-  __shared__ __align__(16) T As[kStages][L::A_ELEMS];
-  __shared__ __align__(16) T Bs[kStages][L::B_ELEMS];
+  // Tensor-core forward and dgrad stage their result tile for 16-byte
+  // stores (store_tile_vectorised) in the pipeline's shared memory, free
+  // once the k-loop is done: one raw buffer holds both.
+  constexpr bool kVecEpilogue = kMma && !kWgrad && kKind != kKindDgradCols;
+  constexpr int kPipeBytes = kStages * (L::A_ELEMS + L::B_ELEMS) * int(sizeof(T));
+  __shared__ __align__(16) unsigned char smem[kPipeBytes];
+  T(*As)[L::A_ELEMS] = reinterpret_cast<T(*)[L::A_ELEMS]>(smem);
+  T(*Bs)[L::B_ELEMS] = reinterpret_cast<T(*)[L::B_ELEMS]>(smem + kStages * L::A_ELEMS * int(sizeof(T)));
   __shared__ acc_t<T> bias_s[L::BN];
 
   // The pass: fixed by the kind, else the launch's (forward or dgrad; the
@@ -470,10 +540,12 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   }
   cp_async_wait<0>();
 
-  // Epilogue: bias + ReLU in registers (forward), one bounds-checked store.
-  // wgrad: float32/64 partial sums into its split's workspace slice. The
-  // block's BN bias values are read from global memory once, into shared
-  // memory (0 without bias: relu(v + 0) == relu(v), NaN included).
+  // Epilogue: bias + ReLU (forward), then tensor-core forward and dgrad
+  // store 16-byte vectors through shared memory (store_tile_vectorised);
+  // the others one bounds-checked store per element (wgrad: float32/64
+  // partial sums into its split's workspace slice). The block's BN bias
+  // values are read from global memory once, into shared memory (0 without
+  // bias: relu(v + 0) == relu(v), NaN included).
   const int64_t slice = dims.M * dims.N * p.g.groups;
   if (!kWgrad && pass == Pass::Forward) {  // uniform over the block
     const T* bias = static_cast<const T*>(p.bias);
@@ -482,6 +554,13 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
       bias_s[c] = bias != nullptr && j < dims.N ? to_acc(bias[int64_t(grp) * p.g.Kg + j]) : acc_t<T>(0);
     }
     __syncthreads();
+  }
+  if constexpr (kVecEpilogue) {
+    // Every warp's last fragment reads of the stages are retired before
+    // the tile overwrites them.
+    if (pass != Pass::Forward) __syncthreads();
+    store_tile_vectorised<T, L>(p, pass, dims, grp, i0, j0, acc, bias_s, reinterpret_cast<T*>(smem));
+    return;
   }
   for_each_acc(acc, [&](int r, int c, acc_t<T> v) {
     const int64_t i = i0 + r, j = j0 + c;

@@ -64,11 +64,12 @@ struct TileVariant {
 };
 // Tensor-core variants, indexed by GemmPlan::variant (conv_cuda.cu's
 // launch_mma instantiates exactly these): 2 x 2 warps of (BM/2) x (BN/2).
-// (The K-major hints are those of the kernels that narrow the launch's pass
-// to forward/dgrad at compile time: 161/125/86/124/147 registers in bf16.)
+// (sm_90 registers in bf16 / tf32, conv_model.md: K-major 128x64 160/152,
+// 128x48 146/154, 64x64 126/118, 64x32 87/89, 64x48 125/117; wgrad 128x64
+// 182/168; dgrad columns 137/154.)
 constexpr TileVariant kMmaVariants[] = {
     {kKindKMajor, 128, 64, 3, 3},      {kKindKMajor, 128, 48, 3, 3},      {kKindKMajor, 64, 64, 4, 4},
-    {kKindKMajor, 64, 32, 5, 5},       {kKindWgrad, 128, 64, 2, 2},       {kKindWgrad, 64, 64, 4, 4},
+    {kKindKMajor, 64, 32, 5, 5},       {kKindWgrad, 128, 64, 2, 3},       {kKindWgrad, 64, 64, 4, 4},
     {kKindFoldForward, 128, 48, 2, 3}, {kKindFoldForward, 128, 64, 2, 3}, {kKindFoldWgrad, 32, 48, 5, 5},
     {kKindFoldWgrad, 32, 64, 5, 5},    {kKindKMajor, 64, 48, 4, 4},       {kKindDgradCols, 128, 64, 3, 3}};
 constexpr int kNumMmaVariants = int(sizeof(kMmaVariants) / sizeof(kMmaVariants[0]));
