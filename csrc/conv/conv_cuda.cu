@@ -352,9 +352,10 @@ __device__ __forceinline__ void zero(MmaAcc<L>& acc) {
       for (int c = 0; c < 4; ++c) acc.v[mt][nt][c] = 0.f;
 }
 
-// Calls fn(row, col, value) for every accumulator of this thread.
+// Calls fn(row, col, v, w) for every pair of this thread's accumulators at
+// (row, col) and (row, col + 1): rows g and g + 8, columns 2q and 2q + 1.
 template <typename L, typename Fn>
-__device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
+__device__ __forceinline__ void for_each_acc_pair(const MmaAcc<L>& acc, Fn fn) {
   using Acc = MmaAcc<L>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * Acc::WM, wn = (warp % 2) * Acc::WN;
@@ -363,8 +364,17 @@ __device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
 #pragma unroll
     for (int nt = 0; nt < Acc::TN; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        fn(wm + mt * 16 + lane / 4 + (c >> 1) * 8, wn + nt * 8 + (lane % 4) * 2 + (c & 1), acc.v[mt][nt][c]);
+      for (int h = 0; h < 2; ++h)
+        fn(wm + mt * 16 + lane / 4 + h * 8, wn + nt * 8 + (lane % 4) * 2, acc.v[mt][nt][2 * h], acc.v[mt][nt][2 * h + 1]);
+}
+
+// Calls fn(row, col, value) for every accumulator of this thread.
+template <typename L, typename Fn>
+__device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
+  for_each_acc_pair(acc, [&](int r, int c, float v, float w) {
+    fn(r, c, v);
+    fn(r, c + 1, w);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -445,22 +455,12 @@ __device__ __forceinline__ void store_tile_vectorised(const GemmLaunch& p, Pass 
                                                       int64_t i0, int64_t j0, const MmaAcc<L>& acc,
                                                       const acc_t<T>* bias_s, T* tile) {
   using O = OutTile<T, L>;
-  using Acc = MmaAcc<L>;
   static_assert(O::ELEMS <= kStages * (L::A_ELEMS + L::B_ELEMS), "the result tile fits the pipeline's stages");
   const bool forward = pass == Pass::Forward;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = (warp / 2) * Acc::WM, wn = (warp % 2) * Acc::WN;
-#pragma unroll
-  for (int mt = 0; mt < Acc::TM; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < Acc::TN; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // rows g and g + 8, columns 2q and 2q + 1
-        const int r = wm + mt * 16 + lane / 4 + h * 8, c = wn + nt * 8 + (lane % 4) * 2;
-        acc_t<T> a = acc.v[mt][nt][2 * h], b = acc.v[mt][nt][2 * h + 1];
-        if (forward) a = relu(a + bias_s[c]), b = relu(b + bias_s[c + 1]);
-        *reinterpret_cast<Pair<T>*>(tile + r * O::LD + c) = Pair<T>{from_acc<T>(a), from_acc<T>(b)};
-      }
+  for_each_acc_pair(acc, [&](int r, int c, acc_t<T> a, acc_t<T> b) {
+    if (forward) a = relu(a + bias_s[c]), b = relu(b + bias_s[c + 1]);
+    *reinterpret_cast<Pair<T>*>(tile + r * O::LD + c) = Pair<T>{from_acc<T>(a), from_acc<T>(b)};
+  });
   __syncthreads();
   T* d = static_cast<T*>(p.d);
 #pragma unroll

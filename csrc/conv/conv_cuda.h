@@ -66,7 +66,7 @@ struct TileVariant {
 // launch_mma instantiates exactly these): 2 x 2 warps of (BM/2) x (BN/2).
 // (sm_90 registers in bf16 / tf32, conv_model.md: K-major 128x64 160/152,
 // 128x48 146/154, 64x64 126/118, 64x32 87/89, 64x48 125/117; wgrad 128x64
-// 182/168; dgrad columns 137/154.)
+// 182/168; dgrad columns 138/154.)
 constexpr TileVariant kMmaVariants[] = {
     {kKindKMajor, 128, 64, 3, 3},      {kKindKMajor, 128, 48, 3, 3},      {kKindKMajor, 64, 64, 4, 4},
     {kKindKMajor, 64, 32, 5, 5},       {kKindWgrad, 128, 64, 2, 3},       {kKindWgrad, 64, 64, 4, 4},
