@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 EMU_DIR ?= ../shared/simt-emu
 # Kernels whose grid-stride loops the emulator runs with a clamped grid (so a
 # thread takes several iterations): its default list plus our 3x3/2 pool kernels.
-EMU_GRID_STRIDE_KERNELS ?= lrn_forward_kernel,lrn_backward_kernel,forward_per_output,backward_gather,relu_grad_kernel,reduce_splits_kernel,forward_3x3s2,backward_3x3s2,backward_3x3s2_columns
+EMU_GRID_STRIDE_KERNELS ?= lrn_forward_kernel,lrn_backward_kernel,forward_per_output,backward_gather,relu_grad_kernel,reduce_splits_kernel,forward_3x3s2,backward_3x3s2,backward_3x3s2_columns,col2im_kernel
 EMU_SUITES ?= self,lrn,pool,conv
 # The emulator's suites do not know the fused LRN + max-pool: our own CPU
 # tests of it run its CUDA kernels there instead.

@@ -149,15 +149,31 @@ def test_few_input_channels(device, dtype, layout, case):
     check_case(case, dtype, device, layout, tol=TF32_REL_TOL if tf32 else None)
 
 
-@pytest.mark.parametrize("case", ODD + FEW_CHANNELS + [(1, 3, 27, 27, 96, 11, 11, 4, 2, 1)],
+# The strided dgrad by columns (conv_math.h's Pass::DgradCols + col2im):
+# conv1's geometry at a small size, C = 1/3/5, strides 2, 3, 4 and (4, 2),
+# groups, padding 0 and > 0, sizes the stride does not divide (rows and
+# columns no tap reaches), a stride larger than the kernel (gaps).
+DGRAD_COLUMNS = [
+    (2, 3, 31, 29, 8, 11, 11, 4, 2, 1),
+    (1, 1, 9, 10, 4, 3, 3, 2, 0, 1),
+    (2, 5, 11, 13, 6, 5, 3, 3, (1, 2), 1),
+    (3, 6, 10, 9, 8, 3, 3, 2, 1, 2),
+    (2, 3, 16, 17, 4, 2, 2, 3, 0, 1),
+    (2, 3, 12, 11, 5, 4, 3, (4, 2), (1, 0), 1),
+]
+
+
+@pytest.mark.parametrize("case", ODD + FEW_CHANNELS + DGRAD_COLUMNS + [(1, 3, 27, 27, 96, 11, 11, 4, 2, 1)],
                          ids=lambda c: "x".join(map(str, c[:4])))
 @pytest.mark.parametrize("vec", [1, 2, 8])
-@pytest.mark.parametrize("fold", [False, True])
-def test_implicit_gemm_index_math_matches_torch(case, vec, fold):
+@pytest.mark.parametrize("fold,dgrad_columns", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "fold", "dgrad_columns"])
+def test_implicit_gemm_index_math_matches_torch(case, vec, fold, dgrad_columns):
     """The GEMMs of csrc/conv/conv_math.h (the CUDA kernels' index math),
     run by CPU loops on the operands the CUDA wrapper prepares (NHWC, KRSC,
     channels padded to `vec`; with `fold`, forward and wgrad on the folded
-    operands of few-channel inputs where the wrapper folds), with 3-way
+    operands of few-channel inputs where the wrapper folds; with
+    `dgrad_columns`, dgrad as the columns GEMM + col2im gather), with 3-way
     split-K wgrad: forward, dgrad, wgrad and bias grad against torch."""
     x, w, b, kw = make_case(case, torch.float64, "cpu", "contiguous", requires_grad=False)
     stride = kw["stride"] if isinstance(kw["stride"], tuple) else (kw["stride"],) * 2
@@ -166,7 +182,7 @@ def test_implicit_gemm_index_math_matches_torch(case, vec, fold):
     upstream = torch.randn(ry.shape, dtype=torch.float64)
     want = torch.autograd.grad(ry, (rx, rw, rb), upstream)
     got = _ops._conv2d_relu_gemm_reference(x.detach(), w.detach(), b.detach(), upstream, list(stride),
-                                           list(padding), kw["groups"], vec, 3, fold)
+                                           list(padding), kw["groups"], vec, 3, fold, dgrad_columns)
     for name, g, r in zip(("output", "grad input", "grad weight", "grad bias"), got, (ry,) + want):
         assert_close_rel(g, r.detach(), 1e-10, name)
 
@@ -174,8 +190,10 @@ def test_implicit_gemm_index_math_matches_torch(case, vec, fold):
 # (variant index of conv_cuda.h's kMmaVariants, case): every tensor-core
 # tile, including those the plan picks only for AlexNet-sized grids (too
 # large for the emulator, whose run of these CPU tests takes the CUDA path).
-FOLDED_VARIANTS = range(6, 10)
-FORCED_VARIANTS = [(v, case) for v in range(11) for case in (
+# Variant 11 (the dgrad columns GEMM) runs in the strided few-channel
+# case's dgrad.
+FOLDED_VARIANTS = (6, 7, 8, 9, 11)
+FORCED_VARIANTS = [(v, case) for v in range(12) for case in (
     [(2, 3, 19, 23, 10, 11, 11, 4, 2, 1)] if v in FOLDED_VARIANTS else [(2, 24, 9, 11, 72, 3, 3, 1, 1, 2), (3, 16, 7, 6, 40, 3, 2, 2, 1, 1)])]
 
 
@@ -195,7 +213,14 @@ def test_every_tile_variant(device, dtype, variant, case):
 ALEXNET_COLUMN = {"conv1": (3, 224, 48, 11, 4, 2), "conv2": (48, 27, 128, 5, 1, 2), "conv3": (256, 13, 192, 3, 1, 1),
                   "conv4": (192, 13, 192, 3, 1, 1), "conv5": (192, 13, 128, 3, 1, 1)}
 PLAN_FIELDS = ("bm", "bn", "bk", "threads", "splits", "mma", "grid_x", "grid_y", "grid_z", "M", "N", "Kred", "k_tiles",
-               "kind", "variant", "fold")
+               "kind", "variant", "fold", "gemm_pass", "chunk", "chunks")
+DGRAD_BY_COLUMNS = 3  # gemm_pass of the strided dgrad's columns GEMM
+
+
+def launch_plan(x, w, stride, padding, groups, pass_, tf32=True):
+    stride = stride if isinstance(stride, tuple) else (stride,) * 2
+    padding = padding if isinstance(padding, tuple) else (padding,) * 2
+    return dict(zip(PLAN_FIELDS, _ops._conv2d_relu_plan(x, w, list(stride), list(padding), groups, pass_, tf32)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -203,22 +228,99 @@ PLAN_FIELDS = ("bm", "bn", "bk", "threads", "splits", "mma", "grid_x", "grid_y",
 @pytest.mark.parametrize("pass_", [0, 1, 2], ids=["fwd", "dgrad", "wgrad"])
 def test_launch_plan_work_on_alexnet(dtype, layer, pass_):
     """The CUDA launch plan (host code, no GPU needed) executes at most 1.15x
-    the useful MMA work of AlexNet's layers (issue 11), except conv1's
-    strided dgrad (zero taps; training never computes conv1's input
-    gradient). A split-K plan keeps every split non-empty."""
+    the useful MMA work of every AlexNet layer and pass (issue 11): conv1's
+    strided dgrad by the columns GEMM (every launch over its chunks of
+    images, each chunk's float32 columns within 64 MiB), the stride-1 layers'
+    dgrad directly. A split-K plan keeps every split non-empty."""
     c, h, k, r, stride, padding = ALEXNET_COLUMN[layer]
     x = torch.empty(1, dtype=dtype).expand(128, c, h, h)
     w = torch.empty(1, dtype=dtype).expand(k, c, r, r)
-    pl = dict(zip(PLAN_FIELDS, _ops._conv2d_relu_plan(x, w, [stride] * 2, [padding] * 2, 1, pass_, True)))
+    pl = launch_plan(x, w, stride, padding, 1, pass_)
     p = (h + 2 * padding - r) // stride + 1
     useful = 128 * p * p * k * r * r * c
-    executed = pl["grid_x"] * pl["bm"] * pl["grid_y"] * pl["bn"] * pl["k_tiles"] * pl["bk"]
+    by_columns = pl["gemm_pass"] == DGRAD_BY_COLUMNS
+    assert by_columns == (layer == "conv1" and pass_ == 1), pl
+    assert pl["gemm_pass"] == (DGRAD_BY_COLUMNS if by_columns else pass_)
+    # M rows of every launch's grid (dgrad by columns: one launch per chunk
+    # of images, p*p rows each, the last chunk with the rest).
+    rows = lambda images: -(-images * p * p // pl["bm"]) * pl["bm"]
+    last = 128 - (pl["chunks"] - 1) * pl["chunk"]
+    m_rows = (pl["chunks"] - 1) * rows(pl["chunk"]) + rows(last) if by_columns else pl["grid_x"] * pl["bm"]
+    executed = m_rows * pl["grid_y"] * pl["bn"] * pl["k_tiles"] * pl["bk"]
     assert pl["mma"] == 1 and pl["variant"] >= 0
     assert (pl["fold"] > 0) == (layer == "conv1" and pass_ != 1)
-    if not (layer == "conv1" and pass_ == 1):
-        assert executed / useful <= 1.15, pl
+    assert executed / useful <= 1.15, pl
+    if by_columns:
+        assert (pl["M"], pl["N"], pl["Kred"]) == (pl["chunk"] * p * p, r * r * c, k)
+        assert pl["chunk"] * p * p * r * r * c * 4 <= 64 << 20 < (pl["chunk"] + 1) * p * p * r * r * c * 4
+        assert 0 < last <= pl["chunk"] and pl["grid_x"] * pl["grid_y"] >= 2 * 132 * 2
+    else:
+        assert pl["chunks"] == 1 and pl["chunk"] == 128
     per_split = -(-pl["k_tiles"] // pl["splits"])
     assert (pl["splits"] - 1) * per_split < pl["k_tiles"], pl
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True),
+                                        (torch.float32, False), (torch.float64, True)],
+                         ids=["bf16", "fp16", "tf32", "fp32", "fp64"])
+def test_plan_takes_dgrad_by_columns_only_where_it_saves_work(dtype, tf32):
+    """Every DGRAD_COLUMNS case (strided, few channels) runs dgrad by
+    columns, on tensor cores and FFMA alike; stride 1 never does (even with
+    three channels), and the columns limit 0 turns it off."""
+    for case in DGRAD_COLUMNS:
+        x, w, _, kw = make_case(case, dtype, "cpu", "contiguous", requires_grad=False)
+        pl = launch_plan(x, w, kw["stride"], kw["padding"], kw["groups"], 1, tf32)
+        assert pl["gemm_pass"] == DGRAD_BY_COLUMNS and pl["kind"] == (4 if pl["mma"] else 0), (case, pl)
+        n, c, h, wd, k, r, s = case[:7]
+        assert (pl["N"], pl["Kred"] >= k // kw["groups"], pl["chunks"]) == (r * s * c // kw["groups"], True, 1)
+    for case in [(2, 3, 19, 23, 10, 11, 11, 1, 2, 1), (2, 1, 9, 9, 4, 3, 3, 1, 0, 1), ALEXNET["conv2"]]:
+        x, w, _, kw = make_case(case, dtype, "cpu", "contiguous", requires_grad=False)
+        assert launch_plan(x, w, kw["stride"], kw["padding"], kw["groups"], 1, tf32)["gemm_pass"] == 1, case
+    old = _ops._conv2d_relu_columns_limit(0)
+    try:
+        x, w, _, kw = make_case(DGRAD_COLUMNS[0], dtype, "cpu", "contiguous", requires_grad=False)
+        assert launch_plan(x, w, kw["stride"], kw["padding"], kw["groups"], 1, tf32)["gemm_pass"] == 1
+    finally:
+        _ops._conv2d_relu_columns_limit(old)
+
+
+# (dtype, allow TF32): every path of the columns GEMM (tensor cores in
+# bf16/fp16/TF32, FFMA in float32 and float64).
+PRECISIONS = [(torch.float64, True), (torch.float32, True), (torch.float32, False), (torch.float16, True),
+              (torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tf32", PRECISIONS, ids=["fp64", "tf32", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", DGRAD_COLUMNS, ids=lambda c: "x".join(map(str, c[:4])))
+def test_strided_dgrad_by_columns(device, dtype, tf32, layout, case):
+    """conv2d_relu's input gradient where the plan takes the columns GEMM +
+    col2im gather (on the CUDA path; the emulator's run of these CPU tests
+    takes it), written straight into dx's NCHW or channels_last layout."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        check_case(case, dtype, device, layout, tol=TF32_REL_TOL if dtype == torch.float32 and tf32 else None)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("limit", [1, 0], ids=["one-image-chunks", "direct"])
+@pytest.mark.parametrize("case", [DGRAD_COLUMNS[0], DGRAD_COLUMNS[3]], ids=lambda c: "x".join(map(str, c[:4])))
+def test_strided_dgrad_in_chunks_and_direct(device, dtype, limit, case):
+    """A 1-byte columns bound: one image per launch (chunk offsets into dy,
+    dx and the reused workspace); 0: the direct strided dgrad instead."""
+    old = _ops._conv2d_relu_columns_limit(limit)
+    try:
+        x, w, _, kw = make_case(case, dtype, "cpu", "contiguous", requires_grad=False)
+        pl = launch_plan(x, w, kw["stride"], kw["padding"], kw["groups"], 1)
+        assert (pl["gemm_pass"], pl["chunks"]) == ((DGRAD_BY_COLUMNS, case[0]) if limit else (1, 1))
+        check_case(case, dtype, device, "channels_last")
+    finally:
+        _ops._conv2d_relu_columns_limit(old)
 
 
 @pytest.mark.parametrize("device", DEVICES)

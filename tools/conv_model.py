@@ -20,7 +20,10 @@ batch 128), every pass (fwd, dgrad, wgrad) and the tensor-core dtypes
     per HMMA instruction in it;
   - div: whether that loop holds a runtime integer division (the
     I2F.U32.RP / MUFU.RCP sequence nvcc emits for `/` and `%` by a runtime
-    value).
+    value);
+  - STG per thread: the kernel's global store instructions by width (the
+    epilogue's, unrolled: scalar 16-bit stores per element, or 128-bit
+    vectors through shared memory).
 The tile shape, grid and split-K count come from the host code itself
 (the `_conv2d_relu_plan` op, the plan the CUDA launcher launches), so the
 model follows the launcher. Targets (issue 11): exec/useful <= 1.15,
@@ -61,8 +64,9 @@ PASSES = ("fwd", "dgrad", "wgrad")
 DTYPES = {"bf16": (torch.bfloat16, True, "__nv_bfloat16"), "fp16": (torch.float16, True, "__half"),
           "tf32": (torch.float32, True, "float")}
 PLAN_FIELDS = ("bm", "bn", "bk", "threads", "splits", "mma", "grid_x", "grid_y", "grid_z", "M", "N", "Kred",
-               "k_tiles", "kind", "variant", "fold")
-KINDS = {0: "K-major", 1: "wgrad", 2: "folded fwd", 3: "folded wgrad"}
+               "k_tiles", "kind", "variant", "fold", "gemm_pass", "chunk", "chunks")
+KINDS = {0: "K-major", 1: "wgrad", 2: "folded fwd", 3: "folded wgrad", 4: "dgrad columns"}
+DGRAD_COLUMNS = 3  # the gemm_pass of the strided dgrad by columns + col2im gather
 
 
 def plan(spec, dtype, tf32, pass_index):
@@ -79,6 +83,30 @@ def useful_flops(spec):
     c, h, k, r, stride, padding = spec
     p = (h + 2 * padding - r) // stride + 1
     return 2 * BATCH * p * p * k * r * r * c
+
+
+def executed_flops(pl):
+    """MMA FLOPs of every launch of the plan: one launch, or (dgrad by
+    columns) one per chunk of images, the last chunk with the rest."""
+    per_launch = lambda grid_x: 2 * grid_x * pl["bm"] * pl["grid_y"] * pl["bn"] * (pl["grid_z"] // pl["splits"]) \
+        * pl["k_tiles"] * pl["bk"]
+    if pl["chunks"] == 1:
+        return per_launch(pl["grid_x"])
+    rows_per_image = pl["M"] // pl["chunk"]
+    last = BATCH - (pl["chunks"] - 1) * pl["chunk"]
+    return (pl["chunks"] - 1) * per_launch(pl["grid_x"]) + per_launch(-(-last * rows_per_image // pl["bm"]))
+
+
+def col2im_bytes(spec, pl, elem_bytes):
+    """Extra memory traffic of dgrad by columns: the float32 columns written
+    by the GEMM and read once by the gather (dx itself is written either
+    way, and the direct dgrad reads dy and the weight too)."""
+    if pl["gemm_pass"] != DGRAD_COLUMNS:
+        return 0
+    c, h, k, r, stride, padding = spec
+    p = (h + 2 * padding - r) // stride + 1
+    acc_bytes = 8 if elem_bytes == 8 else 4
+    return 2 * BATCH * p * p * r * r * c * acc_bytes
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +157,18 @@ def k_loop(instrs):
     return len(body), hmma, div
 
 
+def global_stores(instrs):
+    """The kernel's global stores as "count x bits" per width, widest first
+    (e.g. "8x128"): the epilogue's per-thread stores, its loops being
+    unrolled (the k-loop stores nothing to global memory: cp.async)."""
+    widths = {}
+    for _, t in instrs:
+        b = sass_model.access_bytes(sass_model.opcode(t), "STG")
+        if b:
+            widths[b * 8] = widths.get(b * 8, 0) + 1
+    return " + ".join(f"{n}x{bits}" for bits, n in sorted(widths.items(), reverse=True)) or "-"
+
+
 def load_sass(src_root, cache):
     nvcc, dis, mode, filt, missing = sass_model.tools()
     if missing or mode != "cuobjdump":
@@ -158,13 +198,17 @@ def run_model(src_root, cache):
             for pi, pass_name in enumerate(PASSES):
                 pl = plan(spec, dtype, tf32, pi)
                 blocks = pl["grid_x"] * pl["grid_y"] * pl["grid_z"]
-                executed = 2 * pl["grid_x"] * pl["bm"] * pl["grid_y"] * pl["bn"] * (pl["grid_z"] // pl["splits"]) \
-                    * pl["k_tiles"] * pl["bk"]
-                tile = f"{pl['bm']}x{pl['bn']}x{pl['bk']}" + (" folded" if pl["fold"] else "")
-                row = dict(layer=name, pass_=pass_name, dtype=dt, tile=tile,
-                           grid=f"{pl['grid_x']}x{pl['grid_y']}x{pl['grid_z']}", splits=pl["splits"],
+                executed = executed_flops(pl)
+                cols = pl["gemm_pass"] == DGRAD_COLUMNS
+                tile = f"{pl['bm']}x{pl['bn']}x{pl['bk']}" + (" folded" if pl["fold"] else "") + \
+                    (" columns" if cols else "")
+                grid = f"{pl['grid_x']}x{pl['grid_y']}x{pl['grid_z']}" + (f" x{pl['chunks']}" if pl["chunks"] > 1 else "")
+                row = dict(layer=name, pass_=pass_name, dtype=dt, tile=tile, grid=grid, splits=pl["splits"],
+                           chunk=pl["chunk"], chunks=pl["chunks"],
+                           extra_bytes=col2im_bytes(spec, pl, torch.empty(0, dtype=dtype).element_size()),
                            useful=useful_flops(spec), executed=executed, blocks=blocks, waves=None,
-                           resident=None, sass_per_mma=None, div=None, kernel=None, regs=None, smem=None)
+                           resident=None, sass_per_mma=None, div=None, kernel=None, regs=None, smem=None,
+                           stores=None)
                 if sass is not None:
                     funcs, res = sass
                     k = kernel_name(funcs, tname, pl)
@@ -172,6 +216,7 @@ def run_model(src_root, cache):
                         row["kernel"] = k
                         regs, smem = res.get(k, (0, 0))
                         row["regs"], row["smem"] = regs, smem
+                        row["stores"] = global_stores(funcs[k])
                         row["resident"] = resident_blocks(regs, smem, pl["threads"])
                         row["waves"] = blocks / (SMS * row["resident"]) if row["resident"] else float("inf")
                         loop = k_loop(funcs[k])
@@ -194,8 +239,8 @@ def table(rows, title, note=None):
     if note:
         lines += [note, ""]
     lines += ["| layer | pass | dtype | tile BMxBNxBK | grid | split-K | exec/useful | waves (blocks/SM) | "
-              "SASS per MMA (k-loop) | div in k-loop | regs | meets |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "SASS per MMA (k-loop) | div in k-loop | regs | STG per thread (count x bits) | meets |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["executed"] / r["useful"]
         waves = "-" if r["waves"] is None else f"{r['waves']:.2f} ({r['resident']})"
@@ -204,16 +249,25 @@ def table(rows, title, note=None):
         ok = meets(r)
         miss = [n for n, o in zip(("ratio", "waves", "div"), ok) if not o]
         lines.append(f"| {r['layer']} | {r['pass_']} | {r['dtype']} | {r['tile']} | {r['grid']} | {r['splits']} | "
-                     f"{ratio:.2f} | {waves} | {spm} | {div} | {r['regs'] or '-'} | "
+                     f"{ratio:.2f} | {waves} | {spm} | {div} | {r['regs'] or '-'} | {r['stores'] or '-'} | "
                      f"{'yes' if not miss else 'no: ' + ', '.join(miss)} |")
     for dt in DTYPES:
         sel = [r for r in rows if r["dtype"] == dt]
         train = [r for r in sel if not (r["layer"] == "conv1" and r["pass_"] == "dgrad")]
         ex, us = sum(r["executed"] for r in train), sum(r["useful"] for r in train)
         lines.append("")
+        ex_all, us_all = sum(r["executed"] for r in sel), sum(r["useful"] for r in sel)
         lines.append(f"{dt}: one column's training step (every row but conv1 dgrad, which training does not run): "
-                     f"{ex / 1e9:.0f} GFLOP executed for {us / 1e9:.0f} useful ({ex / us:.2f}x); "
+                     f"{ex / 1e9:.0f} GFLOP executed for {us / 1e9:.0f} useful ({ex / us:.2f}x); all rows: "
+                     f"{ex_all / 1e9:.0f} for {us_all / 1e9:.0f} ({ex_all / us_all:.2f}x); "
                      f"rows meeting all targets: {sum(all(meets(r)) for r in sel)}/{len(sel)}")
+        for r in sel:
+            if r["extra_bytes"]:
+                last = BATCH - (r["chunks"] - 1) * r["chunk"]
+                lines.append(f"{dt} {r['layer']} {r['pass_']} by columns: {r['chunks']} launches of {r['chunk']} images "
+                             f"(the last {last}; waves shown for a full one) + a col2im gather each; the float32 "
+                             f"columns are {r['extra_bytes'] / 2 / 1e6:.0f} MB written and read once: "
+                             f"{r['extra_bytes'] / 1e6:.0f} MB of extra traffic (not MMA work)")
     return "\n".join(lines)
 
 

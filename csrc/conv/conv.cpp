@@ -216,6 +216,57 @@ at::Tensor weight_for_dgrad(const at::Tensor& w_krsc, const ConvGeom& g) {
   return w_krsc.reshape({g.groups, g.Kg, g.R, g.S, g.Cg}).permute({0, 4, 2, 3, 1}).contiguous();
 }
 
+// The geometry of the strided dgrad's columns GEMM (Pass::DgradCols): dy's
+// channels padded as in o.g (its vectors run along k), the input channels
+// unpadded (they are the GEMM's N side, copied one row at a time).
+ConvGeom columns_geometry(const Operands& o) {
+  ConvGeom gc = o.g;
+  gc.C = o.orig.C;
+  gc.Cg = o.orig.Cg;
+  gc.fold = 0;
+  return with_divisors(gc);
+}
+
+// weight (K, Cg, R, S) -> wc (G, R, S, Cg, Kg'): the columns GEMM's B, its
+// reduction index (the group's output channel) innermost.
+at::Tensor weight_for_columns(const at::Tensor& weight, const ConvGeom& gc, const ConvGeom& orig) {
+  at::Tensor w = weight.reshape({gc.groups, orig.Kg, gc.Cg, gc.R, gc.S}).permute({0, 3, 4, 2, 1});
+  return at::constant_pad_nd(w, {0, gc.Kg - orig.Kg}).contiguous();
+}
+
+// Bytes of float32/64 columns one launch of the columns GEMM may write: the
+// batch is split into chunks of whole images under this bound (conv1 at
+// 64 MiB: 15 of 128 images, 4.4 MB of float32 columns each, 9 launches).
+// Settable for tests (_conv2d_relu_columns_limit, returns the previous
+// bound): a small one makes small problems run several chunks, 0 turns the
+// columns path off (the direct strided dgrad stays tested).
+std::atomic<int64_t> g_columns_limit{int64_t(64) << 20};
+int64_t set_columns_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, kOp, ": `bytes` must be >= 0, got ", bytes);
+  return g_columns_limit.exchange(bytes);
+}
+
+// Images per chunk of the columns workspace (at least one).
+int64_t columns_chunk(const ConvGeom& gc, int64_t acc_bytes) {
+  const int64_t per_image = int64_t(gc.P) * gc.Q * gc.groups * gc.R * gc.S * gc.Cg * acc_bytes;
+  return std::clamp<int64_t>(g_columns_limit.load() / std::max<int64_t>(1, per_image), 1, std::max(1, gc.N));
+}
+
+// Whether dgrad runs as the columns GEMM + col2im gather instead of the
+// direct (zero-tap) GEMM: for strides > 1 where it executes fewer
+// multiply-adds (conv1: 1.06x the useful work instead of 177x). Stride 1
+// keeps the direct kernels: no zero taps, and no columns to write and read.
+bool use_dgrad_columns(const Operands& o, DType dt, bool allow_tf32) {
+  if (int64_t(o.orig.stride_h) * o.orig.stride_w == 1 || g_columns_limit.load() == 0) return false;
+  GemmLaunch direct, cols;
+  direct.allow_tf32 = cols.allow_tf32 = allow_tf32;
+  direct.g = o.g;
+  direct.pass = Pass::Dgrad;
+  cols.g = columns_geometry(o);
+  cols.pass = Pass::DgradCols;
+  return planned_macs(plan_gemm(dt, cols)) < planned_macs(plan_gemm(dt, direct));
+}
+
 // (N, A, B, G*c_pad) -> NCHW-indexed view with the caller's channels.
 at::Tensor unpad_nhwc(const at::Tensor& t, int64_t groups, int64_t c_pad, int64_t c) {
   at::Tensor v = t.reshape({t.size(0), t.size(1), t.size(2), groups, c_pad});
@@ -323,7 +374,8 @@ ConvGeom cuda_geometry(const Operands& o, Pass pass, DType dt, bool allow_tf32) 
 
 // The launch plan of one pass of the CUDA path for these operands, as the
 // host code below would launch it: [bm, bn, bk, threads, splits, mma,
-// grid_x, grid_y, grid_z, M, N, Kred, k_tiles, kind, variant, fold]. Needs no GPU (a test and
+// grid_x, grid_y, grid_z, M, N, Kred, k_tiles, kind, variant, fold, gemm
+// pass (3: dgrad by columns), images per launch, launches]. Needs no GPU (a test and
 // tools/conv_model.py hook): `input` and `weight` only give shapes and dtype.
 std::vector<int64_t> conv2d_relu_plan(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                                       at::IntArrayRef padding, int64_t groups, int64_t pass, bool allow_tf32) {
@@ -336,9 +388,21 @@ std::vector<int64_t> conv2d_relu_plan(const at::Tensor& input, const at::Tensor&
   p.g = cuda_geometry(o, p.pass, dt, allow_tf32);
   p.allow_tf32 = allow_tf32;
   if (p.pass == Pass::Wgrad) p.splits = wgrad_splits(p.g, dt, allow_tf32);
+  // The strided dgrad by columns: the plan of one chunk's launch (the
+  // first; the last may hold fewer images).
+  int64_t chunk = orig.N, chunks = 1;
+  if (p.pass == Pass::Dgrad && use_dgrad_columns(o, dt, allow_tf32)) {
+    p.pass = Pass::DgradCols;
+    p.g = columns_geometry(o);
+    chunk = columns_chunk(p.g, element_bytes(dt) == 8 ? 8 : 4);
+    chunks = (orig.N + chunk - 1) / chunk;
+    p.g.N = int(chunk);
+    p.g = with_divisors(p.g);
+  }
   const GemmPlan pl = plan_gemm(dt, p);
   return {pl.bm, pl.bn, pl.bk, pl.threads, pl.splits, pl.mma ? 1 : 0, pl.grid_x, pl.grid_y, pl.grid_z,
-          pl.dims.M, pl.dims.N, pl.dims.Kred, pl.k_tiles, pl.kind, pl.variant, p.g.fold};
+          pl.dims.M, pl.dims.N, pl.dims.Kred, pl.k_tiles, pl.kind, pl.variant, p.g.fold,
+          static_cast<int64_t>(p.pass), chunk, chunks};
 }
 
 // ---------------------------------------------------------------------------
@@ -430,6 +494,37 @@ int prep_splits(int64_t rows, int64_t cols, bool column_sums) {
   return int(std::clamp<int64_t>(splits, 1, std::min<int64_t>(tiles, 65535)));
 }
 
+// The strided dgrad as a GEMM into float32/64 columns and a gather
+// (conv_math.h, Pass::DgradCols), one chunk of whole images at a time under
+// columns_chunk's workspace bound. The gather writes the caller's dx
+// through its strides (NCHW or channels_last alike: no copy back). `p`
+// carries the TF32 setting and the test hook's forced variant.
+void dgrad_by_columns_cuda(const at::Tensor& dym, const at::Tensor& weight, const Operands& o, DType dt,
+                           GemmLaunch p, at::Tensor& dx, void* stream) {
+  ConvGeom gc = columns_geometry(o);
+  const at::Tensor wc = aligned(weight_for_columns(weight, gc, o.orig));
+  const auto acc = at::toOpMathType(dym.scalar_type());
+  const int64_t chunk = columns_chunk(gc, at::elementSize(acc));
+  const int64_t cols_per_image = int64_t(gc.P) * gc.Q * gc.groups * gc.R * gc.S * gc.Cg;
+  at::Tensor cols = at::empty({chunk * cols_per_image}, dym.options().dtype(acc));
+  const Col2imStrides st{dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3)};
+  const int64_t dy_per_image = int64_t(gc.P) * gc.Q * gc.K;
+  p.pass = Pass::DgradCols;
+  p.b = wc.const_data_ptr();
+  p.d = cols.mutable_data_ptr();
+  for (int64_t n0 = 0; n0 < o.orig.N; n0 += chunk) {
+    gc.N = int(std::min<int64_t>(chunk, o.orig.N - n0));
+    p.g = gc;
+    // dy rows of whole images: K is a multiple of the 16-byte vector, so
+    // every chunk's start stays aligned.
+    p.a = static_cast<const char*>(dym.const_data_ptr()) + n0 * dy_per_image * dym.element_size();
+    check_launch(conv_gemm_cuda(dt, p, stream), kOpBackward, "conv_gemm_cuda (dgrad columns)", stream);
+    void* dx_chunk = static_cast<char*>(dx.mutable_data_ptr()) + n0 * dx.stride(0) * dx.element_size();
+    check_launch(col2im_cuda(dt, gc, cols.const_data_ptr(), dx_chunk, st, stream), kOpBackward,
+                 "col2im_cuda (dgrad columns)", stream);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                                                              const at::Tensor& weight, const at::Tensor& output,
                                                              const ConvGeom& orig, std::array<bool, 3> mask,
@@ -475,7 +570,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   p.g = g;
   p.allow_tf32 = conv_uses_tf32(input.scalar_type());
   p.force_variant = g_force_variant.load();
-  if (mask[0]) {
+  if (mask[0] && use_dgrad_columns(o, dt, p.allow_tf32)) {
+    dgrad_by_columns_cuda(dym, weight, o, dt, p, dx, stream);
+  } else if (mask[0]) {
     const at::Tensor wt = aligned(packed_weight(weight, o, PackKind::Dgrad));
     const bool direct = g.C == orig.C && dx.is_contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor out = direct ? dx : at::empty({g.N, g.H, g.W, g.C}, input.options());
@@ -593,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_reference(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& grad_output, at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, int64_t vec,
-    int64_t splits, bool fold) {
+    int64_t splits, bool fold, bool dgrad_columns) {
   const ConvGeom orig = check_and_geometry(input, weight, bias, stride, padding, groups);
   TORCH_CHECK(input.is_cpu(), kOp, " reference: `input` must be a CPU tensor");
   TORCH_CHECK(vec >= 1 && splits >= 1, kOp, " reference: `vec` and `splits` must be >= 1");
@@ -618,12 +715,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_gemm_refe
   gemm_reference_cpu(f, Pass::Forward, xf, folded ? weight_folded(weight, f, orig) : w, b, y, 1, 1);
   at::Tensor dym = at::empty({g.N, g.P, g.Q, g.K}, input.options());
   relu_grad_cpu(to_nhwc(grad_output, g.groups, g.Kg), y.to(input.scalar_type()), dym);
-  gemm_reference_cpu(g, Pass::Dgrad, dym, wt, at::Tensor(), dx, 1, 1);
+  if (dgrad_columns) {
+    // The columns GEMM over the whole batch into an accumulation-dtype
+    // workspace, then the gather, as the CUDA path does (unpadded dx).
+    const ConvGeom gc = columns_geometry(o);
+    at::Tensor cols = at::empty({int64_t(gc.N) * gc.P * gc.Q * gc.groups * gc.R * gc.S * gc.Cg}, acc_opts);
+    gemm_reference_cpu(gc, Pass::DgradCols, dym, weight_for_columns(weight, gc, orig), at::Tensor(), cols, 1, 1);
+    dx = at::empty({g.N, g.H, g.W, orig.C}, acc_opts);
+    col2im_reference_cpu(gc, cols, dx);
+  } else {
+    gemm_reference_cpu(g, Pass::Dgrad, dym, wt, at::Tensor(), dx, 1, 1);
+  }
   // (folded wgrad: A = x, B = dy; conv_math.h)
   gemm_reference_cpu(f, Pass::Wgrad, folded ? xf : dym, folded ? dym : xf, at::Tensor(), dw, int(splits),
                      kTileKBytes / int(input.element_size()));
   const at::Tensor db = dym.to(acc).sum({0, 1, 2}).reshape({g.groups, g.Kg}).narrow(1, 0, orig.Kg).reshape({orig.K});
-  return {unpad_nhwc(y, g.groups, g.Kg, orig.Kg).contiguous(), unpad_nhwc(dx, g.groups, g.Cg, orig.Cg).contiguous(),
+  const int64_t dx_cg = dgrad_columns ? orig.Cg : g.Cg;
+  return {unpad_nhwc(y, g.groups, g.Kg, orig.Kg).contiguous(), unpad_nhwc(dx, g.groups, dx_cg, orig.Cg).contiguous(),
           (folded ? unfold_weight(dw, f, orig) : unpad_krsc(dw, o)).contiguous(), db};
 }
 
@@ -654,7 +762,9 @@ TORCH_LIBRARY_FRAGMENT(alexnet_ext, m) {
   m.def("_conv2d_relu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, int groups, int pass_, "
         "bool allow_tf32) -> int[]");
   m.def("_conv2d_relu_gemm_reference(Tensor input, Tensor weight, Tensor? bias, Tensor grad_output, int[2] stride, "
-        "int[2] padding, int groups, int vec, int splits, bool fold=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int[2] padding, int groups, int vec, int splits, bool fold=False, bool dgrad_columns=False) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("_conv2d_relu_columns_limit(int bytes) -> int", &alexnet_ext::conv::set_columns_limit);
   // Packed-weight cache (weight_cache.h): enable 1/0 (-1: unchanged), clear;
   // returns [enabled, hits, misses, skips, entries, bytes].
   m.def("_conv2d_relu_weight_cache(int enable=-1, bool clear=False) -> int[]", &alexnet_ext::conv::weight_cache_hook);

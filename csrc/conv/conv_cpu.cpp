@@ -107,5 +107,18 @@ void gemm_reference_cpu(const ConvGeom& g, Pass pass, const at::Tensor& a, const
   });
 }
 
+void col2im_reference_cpu(const ConvGeom& g, const at::Tensor& cols, at::Tensor& dx) {
+  AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "conv2d_relu_col2im_reference", [&] {
+    const scalar_t* c = cols.const_data_ptr<scalar_t>();
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, int64_t(g.N) * g.H * g.W, 64, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const Pixel px = split_pixel(m, g.div.HW, g.div.W);
+        for (int ch = 0; ch < g.C; ++ch) out[m * g.C + ch] = col2im_sum(g, c, px.n, ch, px.a, px.b);
+      }
+    });
+  });
+}
+
 }  // namespace conv
 }  // namespace alexnet_ext

@@ -23,5 +23,10 @@ void relu_grad_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& out);
 void gemm_reference_cpu(const ConvGeom& g, Pass pass, const at::Tensor& a, const at::Tensor& b,
                         const at::Tensor& bias, at::Tensor& d, int splits, int tile);
 
+// The strided dgrad's gather (conv_math.h's col2im_sum, as the CUDA
+// kernel runs it): dx (N, H, W, C) in the accumulation dtype from `cols`
+// (accumulation dtype, Pass::DgradCols layout of geometry g).
+void col2im_reference_cpu(const ConvGeom& g, const at::Tensor& cols, at::Tensor& dx);
+
 }  // namespace conv
 }  // namespace alexnet_ext

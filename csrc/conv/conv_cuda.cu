@@ -17,8 +17,15 @@
 //    .trans for wgrad's MN-major tiles) or m16n8k8 TF32 (float32) with
 //    float32 accumulators, 2 x 2 warps of (BM/2) x (BN/2); or exact FFMA
 //    (float32 without TF32, float64), 4x8 per thread on a 64x64 tile;
-//  - epilogue: bias + ReLU on the accumulators (forward), bounds-checked
-//    stores (wgrad: float32/64 partial sums into its split's workspace slice).
+//  - epilogue: bias + ReLU on the accumulators (forward); tensor-core
+//    forward and dgrad stage the tile in shared memory and store 16-byte
+//    vectors, the others bounds-checked scalars (wgrad: float32/64 partial
+//    sums into its split's workspace slice; the strided dgrad's columns
+//    GEMM: float32/64 columns, which col2im_kernel then gathers into dx).
+// The tensor-core K-major kernels narrow the launch's pass to forward or
+// dgrad at compile time, so the wgrad and columns branches of the shared
+// index math are not compiled into them (fewer registers: see kMmaVariants'
+// hints); the FFMA K-major kernel also runs the columns GEMM.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -43,7 +50,7 @@ struct Tiles {
   static constexpr bool kMNMajor = kKind == kKindWgrad || kKind == kKindFoldWgrad;
   static constexpr bool kFold = kKind == kKindFoldForward || kKind == kKindFoldWgrad;
   static constexpr int BM = kBM, BN = kBN;
-  static constexpr int BK = kTileKBytes / int(sizeof(T));  // 32 half, 16 float, 8 double
+  static constexpr int BK = tile_k(kKind, int(sizeof(T)));  // 32 half, 16 float, 8 double; columns: 16
   static constexpr int VEC = kVecBytes / int(sizeof(T));   // elements per 16-byte copy
   // Elements per copy of A and B: a folded operand (x, and the folded
   // weight whose reduction R*fold is a multiple of kFoldVec only) copies
@@ -345,9 +352,10 @@ __device__ __forceinline__ void zero(MmaAcc<L>& acc) {
       for (int c = 0; c < 4; ++c) acc.v[mt][nt][c] = 0.f;
 }
 
-// Calls fn(row, col, value) for every accumulator of this thread.
+// Calls fn(row, col, v, w) for every pair of this thread's accumulators at
+// (row, col) and (row, col + 1): rows g and g + 8, columns 2q and 2q + 1.
 template <typename L, typename Fn>
-__device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
+__device__ __forceinline__ void for_each_acc_pair(const MmaAcc<L>& acc, Fn fn) {
   using Acc = MmaAcc<L>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * Acc::WM, wn = (warp % 2) * Acc::WN;
@@ -356,8 +364,17 @@ __device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
 #pragma unroll
     for (int nt = 0; nt < Acc::TN; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        fn(wm + mt * 16 + lane / 4 + (c >> 1) * 8, wn + nt * 8 + (lane % 4) * 2 + (c & 1), acc.v[mt][nt][c]);
+      for (int h = 0; h < 2; ++h)
+        fn(wm + mt * 16 + lane / 4 + h * 8, wn + nt * 8 + (lane % 4) * 2, acc.v[mt][nt][2 * h], acc.v[mt][nt][2 * h + 1]);
+}
+
+// Calls fn(row, col, value) for every accumulator of this thread.
+template <typename L, typename Fn>
+__device__ __forceinline__ void for_each_acc(const MmaAcc<L>& acc, Fn fn) {
+  for_each_acc_pair(acc, [&](int r, int c, float v, float w) {
+    fn(r, c, v);
+    fn(r, c + 1, w);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -406,6 +423,59 @@ __device__ __forceinline__ void for_each_acc(const FmaAcc<T>& acc, Fn fn) {
 }
 
 // ---------------------------------------------------------------------------
+// Vectorised epilogue of the tensor-core forward and dgrad kernels: the
+// block's BM x BN result tile (bias + ReLU applied in forward, rounded to T)
+// goes through shared memory, then out in 16-byte vectors along the
+// contiguous channel dimension j, one masked row check per vector instead
+// of a bounds check and a 2- or 4-byte store per element.
+
+// Staging rows of the result tile: BN elements padded so the fragment
+// writes (8 rows x 4 lanes of a pair of columns per warp instruction) hit
+// distinct banks and every row stays 16-byte aligned: 16 bytes of padding
+// for 16-bit T (row stride = 4 mod 32 words, 32-bit pair writes), 32 bytes
+// for float (stride = 8 mod 32 words, 64-bit pair writes in two half-warp
+// phases).
+template <typename T, typename L>
+struct OutTile {
+  static constexpr int VEC = L::VEC;
+  static constexpr int LD = L::BN + (sizeof(T) == 2 ? VEC : 2 * VEC);
+  static constexpr int ELEMS = L::BM * LD;
+  static constexpr int VECS_PER_ROW = L::BN / VEC;
+  static constexpr int VECS = L::BM * VECS_PER_ROW;
+  static_assert(VECS % kThreads == 0, "every thread stores the same number of vectors");
+};
+
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T lo, hi;
+};
+
+template <typename T, typename L>
+__device__ __forceinline__ void store_tile_vectorised(const GemmLaunch& p, Pass pass, const GemmDims& dims, int grp,
+                                                      int64_t i0, int64_t j0, const MmaAcc<L>& acc,
+                                                      const acc_t<T>* bias_s, T* tile) {
+  using O = OutTile<T, L>;
+  static_assert(O::ELEMS <= kStages * (L::A_ELEMS + L::B_ELEMS), "the result tile fits the pipeline's stages");
+  const bool forward = pass == Pass::Forward;
+  for_each_acc_pair(acc, [&](int r, int c, acc_t<T> a, acc_t<T> b) {
+    if (forward) a = relu(a + bias_s[c]), b = relu(b + bias_s[c + 1]);
+    *reinterpret_cast<Pair<T>*>(tile + r * O::LD + c) = Pair<T>{from_acc<T>(a), from_acc<T>(b)};
+  });
+  __syncthreads();
+  T* d = static_cast<T*>(p.d);
+#pragma unroll
+  for (int k = 0; k < O::VECS / kThreads; ++k) {
+    const int v = threadIdx.x + k * kThreads, r = v / O::VECS_PER_ROW, c = (v % O::VECS_PER_ROW) * O::VEC;
+    const int64_t i = i0 + r, j = j0 + c;
+    // N (Kg or Cg, padded) is a multiple of VEC: a vector is wholly in or out.
+    if (i < dims.M && j < dims.N) {
+      *reinterpret_cast<uint4*>(d + d_offset(p.g, pass, grp, i, j)) =
+          *reinterpret_cast<const uint4*>(tile + r * O::LD + c);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The kernel. Grid: x over BM row tiles, y over BN column tiles, z over
 // groups x splits (z = grp * splits + split).
 
@@ -414,11 +484,23 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   using L = Tiles<T, kKind, kMma, kBM, kBN>;
   using Acc = typename std::conditional<kMma, MmaAcc<L>, FmaAcc<T>>::type;
   constexpr bool kWgrad = L::kMNMajor;
-  __shared__ __align__(16) T As[kStages][L::A_ELEMS];
-  __shared__ __align__(16) T Bs[kStages][L::B_ELEMS];
+  // Tensor-core forward and dgrad stage their result tile for 16-byte
+  // stores (store_tile_vectorised) in the pipeline's shared memory, free
+  // once the k-loop is done: one raw buffer holds both.
+  constexpr bool kVecEpilogue = kMma && !kWgrad && kKind != kKindDgradCols;
+  constexpr int kPipeBytes = kStages * (L::A_ELEMS + L::B_ELEMS) * int(sizeof(T));
+  __shared__ __align__(16) unsigned char smem[kPipeBytes];
+  T(*As)[L::A_ELEMS] = reinterpret_cast<T(*)[L::A_ELEMS]>(smem);
+  T(*Bs)[L::B_ELEMS] = reinterpret_cast<T(*)[L::B_ELEMS]>(smem + kStages * L::A_ELEMS * int(sizeof(T)));
   __shared__ acc_t<T> bias_s[L::BN];
 
-  const Pass pass = kWgrad ? Pass::Wgrad : kKind == kKindFoldForward ? Pass::Forward : p.pass;
+  // The pass: fixed by the kind, else the launch's (forward or dgrad; the
+  // FFMA kernels also run the columns GEMM).
+  const Pass pass = kWgrad                       ? Pass::Wgrad
+                    : kKind == kKindFoldForward  ? Pass::Forward
+                    : kKind == kKindDgradCols    ? Pass::DgradCols
+                    : kMma && p.pass != Pass::Forward ? Pass::Dgrad
+                                                 : p.pass;
   const GemmDims dims = gemm_dims(p.g, pass);
   const int splits = kWgrad ? p.splits : 1;
   const int grp = blockIdx.z / splits, split = blockIdx.z % splits;
@@ -458,10 +540,12 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
   }
   cp_async_wait<0>();
 
-  // Epilogue: bias + ReLU in registers (forward), one bounds-checked store.
-  // wgrad: float32/64 partial sums into its split's workspace slice. The
-  // block's BN bias values are read from global memory once, into shared
-  // memory (0 without bias: relu(v + 0) == relu(v), NaN included).
+  // Epilogue: bias + ReLU (forward), then tensor-core forward and dgrad
+  // store 16-byte vectors through shared memory (store_tile_vectorised);
+  // the others one bounds-checked store per element (wgrad: float32/64
+  // partial sums into its split's workspace slice). The block's BN bias
+  // values are read from global memory once, into shared memory (0 without
+  // bias: relu(v + 0) == relu(v), NaN included).
   const int64_t slice = dims.M * dims.N * p.g.groups;
   if (!kWgrad && pass == Pass::Forward) {  // uniform over the block
     const T* bias = static_cast<const T*>(p.bias);
@@ -471,12 +555,21 @@ __global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const GemmLaunch
     }
     __syncthreads();
   }
+  if constexpr (kVecEpilogue) {
+    // Every warp's last fragment reads of the stages are retired before
+    // the tile overwrites them.
+    if (pass != Pass::Forward) __syncthreads();
+    store_tile_vectorised<T, L>(p, pass, dims, grp, i0, j0, acc, bias_s, reinterpret_cast<T*>(smem));
+    return;
+  }
   for_each_acc(acc, [&](int r, int c, acc_t<T> v) {
     const int64_t i = i0 + r, j = j0 + c;
     if (i >= dims.M || j >= dims.N) return;
     const int64_t off = d_offset(p.g, pass, grp, i, j);
     if (kWgrad) {
       static_cast<acc_t<T>*>(p.d)[int64_t(split) * slice + off] = v;
+    } else if (pass == Pass::DgradCols) {  // float32/64 columns, rounded only by the gather
+      static_cast<acc_t<T>*>(p.d)[off] = v;
     } else if (pass == Pass::Forward) {
       v += bias_s[c];
       static_cast<T*>(p.d)[off] = from_acc<T>(relu(v));
@@ -512,6 +605,7 @@ LaunchStatus launch_mma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t 
     case 8: return launch_gemm<T, kKindFoldWgrad, true, 32, 48>(plan, p, s);
     case 9: return launch_gemm<T, kKindFoldWgrad, true, 32, 64>(plan, p, s);
     case 10: return launch_gemm<T, kKindKMajor, true, 64, 48>(plan, p, s);
+    case 11: return launch_gemm<T, kKindDgradCols, true, 128, 64>(plan, p, s);
   }
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
 }
@@ -520,6 +614,24 @@ LaunchStatus launch_ffma(const GemmPlan& plan, const GemmLaunch& p, cudaStream_t
   if (plan.variant == kFfmaKMajor) return launch_gemm<T, kKindKMajor, false, 64, 64>(plan, p, s);
   if (plan.variant == kFfmaWgrad) return launch_gemm<T, kKindWgrad, false, 64, 64>(plan, p, s);
   return static_cast<LaunchStatus>(cudaErrorInvalidValue);
+}
+
+// ---------------------------------------------------------------------------
+// The strided dgrad's gather (after the columns GEMM)
+
+// One thread per input pixel (n, h, w), over its channels: pixel indices
+// fit in 32 bits (conv.cpp checks), so they split by FastDiv. Neighbouring
+// threads store neighbouring pixels (NCHW: w innermost; channels_last:
+// a pixel's channels are one run). Grid-stride.
+template <typename T>
+__global__ void col2im_kernel(const ConvGeom g, const acc_t<T>* __restrict__ cols, T* __restrict__ dx,
+                              const Col2imStrides st) {
+  const int64_t pixels = int64_t(g.N) * g.H * g.W;
+  for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < pixels; m += int64_t(gridDim.x) * blockDim.x) {
+    const Pixel px = split_pixel(m, g.div.HW, g.div.W);
+    T* out = dx + px.n * st.n + px.a * st.h + px.b * st.w;
+    for (int c = 0; c < g.C; ++c) out[c * st.c] = from_acc<T>(col2im_sum(g, cols, px.n, c, px.a, px.b));
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -660,6 +772,18 @@ LaunchStatus reduce_splits_cuda(DType dtype, const void* partial, void* out, int
     using T = decltype(tag);
     reduce_splits_kernel<T><<<grid_for(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const acc_t<T>*>(partial), static_cast<T*>(out), n, splits);
+    return static_cast<LaunchStatus>(cudaGetLastError());
+  });
+}
+
+LaunchStatus col2im_cuda(DType dtype, const ConvGeom& g, const void* cols, void* dx, const Col2imStrides& dx_strides,
+                         void* stream) {
+  const ConvGeom gd = with_divisors(g);
+  const int64_t pixels = int64_t(gd.N) * gd.H * gd.W;
+  return dispatch_cuda_dtype(dtype, [&](auto tag) -> LaunchStatus {
+    using T = decltype(tag);
+    col2im_kernel<T><<<grid_for(pixels, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        gd, static_cast<const acc_t<T>*>(cols), static_cast<T*>(dx), dx_strides);
     return static_cast<LaunchStatus>(cudaGetLastError());
   });
 }

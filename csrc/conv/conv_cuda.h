@@ -22,9 +22,9 @@ constexpr int kTileKBytes = 64;
 struct GemmLaunch {
   ConvGeom g;
   Pass pass = Pass::Forward;
-  const void* a = nullptr;  // forward: x, dgrad: masked dy, wgrad: masked dy (folded wgrad: x)
-  const void* b = nullptr;  // forward: w (KRSC), dgrad: wt, wgrad: x (folded wgrad: masked dy)
-  void* d = nullptr;        // forward: y, dgrad: dx (element dtype); wgrad: float32/64 workspace
+  const void* a = nullptr;  // forward: x, dgrad (columns too): masked dy, wgrad: masked dy (folded wgrad: x)
+  const void* b = nullptr;  // forward: w (KRSC), dgrad: wt, columns: wc, wgrad: x (folded wgrad: masked dy)
+  void* d = nullptr;        // forward: y, dgrad: dx (element dtype); wgrad, columns: float32/64 workspace
   const void* bias = nullptr;  // forward only, may be null; ReLU is applied in forward only
   int splits = 1;              // wgrad: split-K count; d holds splits * K * R*S*Cg partial sums
   bool allow_tf32 = true;      // float32 on tensor cores (TF32) or exact FFMA
@@ -42,9 +42,18 @@ LaunchStatus conv_gemm_cuda(DType dtype, const GemmLaunch& p, void* stream);
 // the executed MMA work and the waves without a GPU.
 
 // Kernel variants. Kinds: K-major operands (forward, dgrad), MN-major
-// (wgrad), and the folded forward / wgrad of ConvGeom::fold.
+// (wgrad), the folded forward / wgrad of ConvGeom::fold, and the columns
+// GEMM of the strided dgrad (Pass::DgradCols: K-major, float32 result).
 constexpr int kGemmThreads = 128;
-constexpr int kKindKMajor = 0, kKindWgrad = 1, kKindFoldForward = 2, kKindFoldWgrad = 3;
+constexpr int kKindKMajor = 0, kKindWgrad = 1, kKindFoldForward = 2, kKindFoldWgrad = 3, kKindDgradCols = 4;
+
+// Reduction step BK of a kind's tile, in elements. The columns GEMM reduces
+// over the Kg output channels of a group only (conv1: 48), so a 64-byte
+// step (32 16-bit elements) would execute 64 for 48; it steps 16 elements
+// in every type (one m16n8k16, or two TF32 m16n8k8, per k-tile).
+constexpr int tile_k(int kind, int element_bytes) {
+  return kind == kKindDgradCols ? 16 : kTileKBytes / element_bytes;
+}
 struct TileVariant {
   int kind, bm, bn;
   // Blocks per SM its registers and shared memory allow on sm_90, for the
@@ -55,11 +64,14 @@ struct TileVariant {
 };
 // Tensor-core variants, indexed by GemmPlan::variant (conv_cuda.cu's
 // launch_mma instantiates exactly these): 2 x 2 warps of (BM/2) x (BN/2).
+// (sm_90 registers in bf16 / tf32, conv_model.md: K-major 128x64 160/152,
+// 128x48 146/154, 64x64 126/118, 64x32 87/89, 64x48 125/117; wgrad 128x64
+// 182/168; dgrad columns 138/154.)
 constexpr TileVariant kMmaVariants[] = {
-    {kKindKMajor, 128, 64, 2, 3},      {kKindKMajor, 128, 48, 3, 3},      {kKindKMajor, 64, 64, 3, 3},
-    {kKindKMajor, 64, 32, 5, 4},       {kKindWgrad, 128, 64, 2, 2},       {kKindWgrad, 64, 64, 4, 4},
+    {kKindKMajor, 128, 64, 3, 3},      {kKindKMajor, 128, 48, 3, 3},      {kKindKMajor, 64, 64, 4, 4},
+    {kKindKMajor, 64, 32, 5, 5},       {kKindWgrad, 128, 64, 2, 3},       {kKindWgrad, 64, 64, 4, 4},
     {kKindFoldForward, 128, 48, 2, 3}, {kKindFoldForward, 128, 64, 2, 3}, {kKindFoldWgrad, 32, 48, 5, 5},
-    {kKindFoldWgrad, 32, 64, 5, 5},    {kKindKMajor, 64, 48, 3, 4}};
+    {kKindFoldWgrad, 32, 64, 5, 5},    {kKindKMajor, 64, 48, 4, 4},       {kKindDgradCols, 128, 64, 3, 3}};
 constexpr int kNumMmaVariants = int(sizeof(kMmaVariants) / sizeof(kMmaVariants[0]));
 // FFMA variants (float32 without TF32, float64): 64 x 64 tiles, no fold.
 constexpr int kFfmaKMajor = 100, kFfmaWgrad = 101;
@@ -101,9 +113,11 @@ struct GemmPlan {
 inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
   GemmPlan pl;
   pl.mma = uses_mma(dtype, p.allow_tf32);
-  const bool wgrad = p.pass == Pass::Wgrad, fold = p.g.fold > 0 && p.pass != Pass::Dgrad;
+  const bool wgrad = p.pass == Pass::Wgrad, fold = p.g.fold > 0 && (wgrad || p.pass == Pass::Forward);
   pl.kind = wgrad ? (fold ? kKindFoldWgrad : kKindWgrad) : (fold ? kKindFoldForward : kKindKMajor);
-  pl.bk = kTileKBytes / element_bytes(dtype);
+  // The FFMA kernels run the columns GEMM as a K-major pass (runtime pass).
+  if (p.pass == Pass::DgradCols && pl.mma) pl.kind = kKindDgradCols;
+  pl.bk = tile_k(pl.kind, element_bytes(dtype));
   pl.splits = wgrad ? p.splits : 1;
   pl.dims = gemm_dims(p.g, p.pass);
   const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
@@ -149,6 +163,13 @@ inline GemmPlan plan_gemm(DType dtype, const GemmLaunch& p) {
   return pl;
 }
 
+// Multiply-adds the plan's grid executes: every block's whole BM x BN tile
+// over every BK step of the reduction (tile overhang and padding included).
+inline int64_t planned_macs(const GemmPlan& pl) {
+  if (pl.variant < 0) return 0;
+  return pl.grid_x * pl.bm * pl.grid_y * pl.bn * (pl.grid_z / pl.splits) * pl.k_tiles * pl.bk;
+}
+
 // The backward's one preparation pass over grad_output and the saved output
 // (N, K, P, Q), each read where it lies, NCHW or NHWC: dym =
 // relu_grad(dy, y) as the contiguous (N*P*Q, groups * kg_pad) matrix the
@@ -178,6 +199,17 @@ LaunchStatus relu_grad_prep_cuda(DType dtype, const ReluGradPrep& p, void* strea
 // dtype: the deterministic second pass of split-K wgrad and of the bias
 // gradient's column sums.
 LaunchStatus reduce_splits_cuda(DType dtype, const void* partial, void* out, int64_t n, int splits, void* stream);
+
+// The strided dgrad's gather (conv_math.h's col2im_sum): dx[n][c][h][w] of
+// images [0, g.N) from their columns (accumulation dtype, DgradCols layout),
+// rounded once to the element dtype, for c < g.C. dx is written through its
+// element strides (any dense layout: the caller's NCHW or channels_last
+// tensor, no copy), no atomics: one thread per input pixel and its channels.
+struct Col2imStrides {
+  int64_t n, c, h, w;
+};
+LaunchStatus col2im_cuda(DType dtype, const ConvGeom& g, const void* cols, void* dx, const Col2imStrides& dx_strides,
+                         void* stream);
 
 }  // namespace conv
 }  // namespace alexnet_ext

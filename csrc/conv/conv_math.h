@@ -17,6 +17,13 @@
 // and, folded (ConvGeom::fold, few input channels), with u = s*C + c:
 //   forward  i = output pixel (n,p,q)  j = out channel k   t = (r,u)  over R*fold
 //   wgrad    i = (r,u)                 j = out channel k   t = output pixel
+// and the strided dgrad of few input channels in two steps (Pass::DgradCols):
+//   columns  i = output pixel (n,p,q)  j = (r,s,c)         t = out channel k  over Kg
+// into a float32/64 workspace `cols` (N*P*Q, G, R, S, Cg) with Cg unpadded,
+// then col2im_sum gathers dx[n][c][h][w] from the columns of the (p, r),
+// (q, s) with p*stride + r - pad == h, q*stride + s - pad == w. Every MMA of
+// it is useful: the direct dgrad at stride s multiplies 1 - 1/s^2 of its
+// taps by zeros and pads Cg to the vector width.
 // The reduction index t = (r,s,c) puts channels innermost, so a run of
 // consecutive t with the same (r,s) is a run of consecutive memory: that is
 // what lets the CUDA kernels copy 16-byte vectors (when Cg and Kg are
@@ -99,7 +106,7 @@ AX_HD int conv_out_size(int in, int kernel, int stride, int pad) {
   return (in + 2 * pad - kernel) / stride + 1;
 }
 
-enum class Pass : int { Forward = 0, Dgrad = 1, Wgrad = 2 };
+enum class Pass : int { Forward = 0, Dgrad = 1, Wgrad = 2, DgradCols = 3 };
 
 // GEMM extents of one group.
 struct GemmDims {
@@ -111,13 +118,14 @@ struct GemmDims {
 // (r, u) side on M, the few output channels on N).
 AX_HD GemmDims gemm_dims(const ConvGeom& g, Pass pass) {
   const int64_t RS = int64_t(g.R) * g.S;
-  if (g.fold > 0 && pass != Pass::Dgrad) {
+  if (g.fold > 0 && (pass == Pass::Forward || pass == Pass::Wgrad)) {
     const int64_t NPQ = int64_t(g.N) * g.P * g.Q, RF = int64_t(g.R) * g.fold;
     return pass == Pass::Forward ? GemmDims{NPQ, g.Kg, RF} : GemmDims{RF, g.Kg, NPQ};
   }
   switch (pass) {
     case Pass::Forward: return {int64_t(g.N) * g.P * g.Q, g.Kg, RS * g.Cg};
     case Pass::Dgrad: return {int64_t(g.N) * g.H * g.W, g.Cg, RS * g.Kg};
+    case Pass::DgradCols: return {int64_t(g.N) * g.P * g.Q, RS * g.Cg, g.Kg};
     default: return {g.Kg, RS * g.Cg, int64_t(g.N) * g.P * g.Q};
   }
 }
@@ -197,26 +205,44 @@ AX_HD int64_t dgrad_dy_at(const ConvGeom& g, int grp, const PixelRow& row, const
   return ((int64_t(row.n) * g.P + p) * g.Q + q) * g.K + int64_t(grp) * g.Kg + tap.ch;
 }
 
-// The A gather of forward and dgrad in its two parts.
+// The columns GEMM's A is dy itself: row i = output pixel, t = channel k
+// of the group, contiguous. No gather, no division.
+AX_HD int64_t cols_dy_at(const ConvGeom& g, int grp, const PixelRow& row, const Tap& tap) {
+  return int64_t(row.n) * g.K + int64_t(grp) * g.Kg + tap.ch;
+}
+// Element (r, s, c) = j of output pixel i's columns (layout above); also
+// the columns GEMM's result element (i, j).
+AX_HD int64_t cols_offset(const ConvGeom& g, int grp, int64_t i, int64_t j) {
+  const int64_t rsc = int64_t(g.R) * g.S * g.Cg;
+  return (i * g.groups + grp) * rsc + j;
+}
+
+// The A gather of forward, dgrad and the columns GEMM in its two parts
+// (DgradCols: the row is the output pixel index itself, the tap its channel).
 AX_HD PixelRow a_row(const ConvGeom& g, Pass pass, int64_t i) {
+  if (pass == Pass::DgradCols) return {int(i), 0, 0};
   return pass == Pass::Forward ? im2col_row(g, i) : dgrad_row(g, i);
 }
 AX_HD Tap a_tap(const ConvGeom& g, Pass pass, int64_t t) {
+  if (pass == Pass::DgradCols) return {0, 0, int(t)};
   return split_tap(t, g.div.S, pass == Pass::Forward ? g.div.Cg : g.div.Kg);
 }
 AX_HD int64_t a_offset_at(const ConvGeom& g, Pass pass, int grp, const PixelRow& row, const Tap& tap) {
+  if (pass == Pass::DgradCols) return cols_dy_at(g, grp, row, tap);
   return pass == Pass::Forward ? im2col_at(g, grp, row, tap) : dgrad_dy_at(g, grp, row, tap);
 }
 
 // Offsets of the A operand element (i, t) and the B operand element (t, j)
 // of one pass, and of the result element (i, j). -1 means zero.
-// B is the weight (forward: w, dgrad: wt), dy, or x, as the table above says.
+// B is the weight (forward: w, dgrad: wt, columns: wc), dy, or x, as the
+// table above says; wc is (G, R, S, Cg, Kg), Cg unpadded.
 AX_HD int64_t a_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t t) {
   if (g.fold > 0 && pass == Pass::Forward) return fold_at(g, im2col_row(g, i), t);
   if (g.fold > 0 && pass == Pass::Wgrad) return fold_at(g, im2col_row(g, t), i);  // x, folded
   switch (pass) {
     case Pass::Forward:
-    case Pass::Dgrad: return a_offset_at(g, pass, grp, a_row(g, pass, i), a_tap(g, pass, t));
+    case Pass::Dgrad:
+    case Pass::DgradCols: return a_offset_at(g, pass, grp, a_row(g, pass, i), a_tap(g, pass, t));
     default: return t * g.K + int64_t(grp) * g.Kg + i;  // dy[t][grp*Kg + i]
   }
 }
@@ -228,6 +254,7 @@ AX_HD int64_t b_offset(const ConvGeom& g, Pass pass, int grp, int64_t t, int64_t
   switch (pass) {
     case Pass::Forward: return (int64_t(grp) * g.Kg + j) * RS * g.Cg + t;  // w[grp*Kg + j][t]
     case Pass::Dgrad: return (int64_t(grp) * g.Cg + j) * RS * g.Kg + t;    // wt[grp][j][t]
+    case Pass::DgradCols: return (int64_t(grp) * RS * g.Cg + j) * g.Kg + t;  // wc[grp][j][t]
     default: return im2col_offset(g, grp, t, j);
   }
 }
@@ -237,6 +264,7 @@ AX_HD int64_t d_offset(const ConvGeom& g, Pass pass, int grp, int64_t i, int64_t
   switch (pass) {
     case Pass::Forward: return i * g.K + int64_t(grp) * g.Kg + j;  // y[i][grp*Kg + j]
     case Pass::Dgrad: return i * g.C + int64_t(grp) * g.Cg + j;    // dx[i][grp*Cg + j]
+    case Pass::DgradCols: return cols_offset(g, grp, i, j);
     default: return (int64_t(grp) * g.Kg + i) * int64_t(g.R) * g.S * g.Cg + j;  // dw[grp*Kg + i][j]
   }
 }
@@ -258,6 +286,40 @@ AX_HD Range split_range(int64_t kred, int tile, int split, int splits) {
   const int64_t tiles = (kred + tile - 1) / tile;
   const int64_t per = (tiles + splits - 1) / splits;
   return {ax_min<int64_t>(kred, per * split * tile), ax_min<int64_t>(kred, per * (split + 1) * tile)};
+}
+
+// col2im: the output positions p (and filter taps r = a + pad - p*stride)
+// whose tap reaches input coordinate a along one axis: 0 <= r < R and
+// 0 <= p < P. p runs over [p_begin, p_end) while r falls from r_begin by
+// `stride` per step; empty where no tap lands on a (stride > R, or a row
+// past the last window: the stride does not divide H + 2*pad - R).
+struct Reach {
+  int p_begin, p_end, r_begin;
+};
+AX_HD Reach col2im_reach(int a, int pad, int R, int P, int stride, const FastDiv& stride_div) {
+  const int ap = a + pad;  // >= 0
+  const int p_begin = ap >= R ? (ap - R) / stride_div + 1 : 0;
+  const int p_end = ax_min(P, ap / stride_div + 1);
+  return {p_begin, p_end, ap - p_begin * stride};
+}
+
+// dx at (n, c, h, w) of one workspace of columns (DgradCols layout, n the
+// image within it): the sum over every (p, r) x (q, s) that reaches (h, w),
+// in a fixed order (p, then q), in the accumulation type. The CUDA gather
+// kernel and the CPU reference both call this.
+template <typename acc>
+AX_HD acc col2im_sum(const ConvGeom& g, const acc* cols, int n, int c, int h, int w) {
+  const int grp = c / g.div.Cg, cg = c - grp * g.Cg;
+  const Reach rh = col2im_reach(h, g.pad_h, g.R, g.P, g.stride_h, g.div.stride_h);
+  const Reach rw = col2im_reach(w, g.pad_w, g.S, g.Q, g.stride_w, g.div.stride_w);
+  acc sum = 0;
+  for (int p = rh.p_begin, r = rh.r_begin; p < rh.p_end; ++p, r -= g.stride_h) {
+    const int64_t row = (int64_t(n) * g.P + p) * g.Q;
+    for (int q = rw.p_begin, s = rw.r_begin; q < rw.p_end; ++q, s -= g.stride_w) {
+      sum += cols[cols_offset(g, grp, row + q, (int64_t(r) * g.S + s) * g.Cg + cg)];
+    }
+  }
+  return sum;
 }
 
 // ReLU and its gradient, with NaN semantics of torch.relu and
