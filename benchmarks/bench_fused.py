@@ -99,7 +99,8 @@ def traffic(numel, out_numel, elem):
 
 def interleaved_ms(fns, device, n_sets, warmup, rounds):
     """{key: (median, (p10, p90)) ms} of fns[key](i): after `warmup` calls of
-    each, `rounds` rounds that time every function once in turn (harness
+    each, `rounds` rounds that time every function once in turn, in an
+    order that reverses from round to round (harness
     timer, inputs rotated among n_sets), so a change of load on a shared
     machine hits all of them alike rather than whichever ran then. Also
     returns the samples themselves, in round order (for paired ratios)."""
@@ -107,7 +108,11 @@ def interleaved_ms(fns, device, n_sets, warmup, rounds):
         harness.time_ms(fn, device, n_sets, warmup, 1)
     samples = {key: [] for key in fns}
     for r in range(rounds):
-        for key, fn in fns.items():
+        # The order reverses every round: no function always runs right
+        # after the same one (e.g. after PyTorch's pair, whose large
+        # temporaries leave the allocator to fault fresh pages in for
+        # whoever allocates next).
+        for key, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
             samples[key].append(harness.time_ms(lambda i, fn=fn: fn((r + i) % n_sets), device, 1, 0, 1)[0])
     stats = {}
     for key, ms in samples.items():
