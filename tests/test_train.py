@@ -303,15 +303,20 @@ def test_torchrun_ranks_stop_together_at_a_vote(tmp_path):
 @requires_alexnet
 def test_alexnet_loss_falls_on_synthetic(tmp_path):
     # The real network and the default recipe of the synthetic set, at a
-    # small input size (63x63) so that 48 steps take seconds.
+    # small input size (63x63) so that 48 steps take seconds, and half the
+    # default learning rate: at batch 8 (1/16 of the paper's 128) lr 0.01 is
+    # at the edge of stability (on seeds 0-4 the loss blows up by epoch 5 or
+    # 6, and whether 4 epochs gained 0.2 hung on the kernels' last-bit
+    # rounding); at 0.005, 4 epochs bring the train loss from 1.40-1.42 to
+    # 0.65-0.95 on seeds 0-3.
     status = train.main(["--image-size", "63", "--synthetic-classes", "4", "--synthetic-train", "96",
                          "--synthetic-val", "32", "--batch-size", "8", "--epochs", "4", "--workers", "0",
-                         "--no-progress", "--out", str(tmp_path), "--plot"])
+                         "--lr", "0.005", "--no-progress", "--out", str(tmp_path), "--plot"])
     assert status == 0
     m = read_metrics(tmp_path)
     assert len(m) == 4
     assert m[-1]["train_loss"] < m[0]["train_loss"] - 0.2
-    # Validation on 32 images at batch 8 and lr 0.01 swings by +-0.3 from one
+    # Validation on 32 images at batch 8 swings by +-0.3 from one
     # epoch to the next, and where it lands at the last epoch depends on the
     # CPU's rounding (AVX2 vs AVX-512 kernels): ask that the network got well
     # below its first epoch, and below chance (ln 4 = 1.386), at some epoch.
